@@ -1,0 +1,1 @@
+"""Cross-cutting runtime helpers: device choice, distributed setup, progress display."""

@@ -1,0 +1,36 @@
+"""Device choice in one place: `auto|cpu|cuda|cuda:N`, never a silent CPU fallback."""
+
+from __future__ import annotations
+
+import torch
+
+from histosynth.errors import InputError
+
+ALLOWED = "auto, cpu, cuda, cuda:N"
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn a user's device string into a `torch.device`.
+
+    `auto` picks the first CUDA device when one is usable, else the CPU. Asking for CUDA where it is
+    not available is an `InputError` rather than a quiet fallback, so a job never runs 100x slower
+    than its owner thinks.
+    """
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = 0
+        if spec.startswith("cuda:"):
+            try:
+                index = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise InputError(f"--device: {spec!r} is not a device; allowed: {ALLOWED}") from None
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__})")
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device(f"cuda:{index}")
+    raise InputError(f"--device: {spec!r} is not a device; allowed: {ALLOWED}")

@@ -1,0 +1,27 @@
+"""Shared fixtures: the real H&E data beside the checkout, and thread limits for a 2-core CI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data` (see its README); tests that need real tiles fail loudly if it is missing."""
+    if not (SHARED_DATA / "pcam" / "train").is_dir():
+        pytest.fail(f"real H&E data not found at {SHARED_DATA}; CI lays it beside the checkout")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def pcam_tiles(shared_data: Path) -> list[Path]:
+    """The first 48 PCam training tiles (sorted), for stage tests on real data."""
+    return sorted((shared_data / "pcam" / "train").glob("*.jpg"))[:48]
