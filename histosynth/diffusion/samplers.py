@@ -1,0 +1,165 @@
+"""Samplers as pure functions of a `denoise(x, t, class_ids)` callable.
+
+They know no network and no backend: torch on CPU or CUDA and ONNX Runtime all drive the same loop.
+Notation follows the DDIM and DPM-Solver papers: alpha_t = sqrt(alpha-bar_t), sigma_t = sqrt(1 - alpha-bar_t),
+lambda_t = log(alpha_t / sigma_t).
+
+- ``ddpm``: ancestral sampling (Ho et al. 2020), the paper's 1000-step baseline. It is DDIM with eta = 1,
+  which Song et al. (2021, sec. 4.1) show is the DDPM posterior; with fewer steps it is respaced DDPM.
+- ``ddim``: Song et al. 2021, eq. 12, with stochasticity eta.
+- ``dpmpp2m``: DPM-Solver++(2M), Lu et al. 2022, multistep second order in data prediction, first order
+  at the first step (no history) and at the last step (the step to sigma = 0, "lower-order final").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, Optional
+
+import torch
+
+from histosynth.diffusion.schedule import NoiseSchedule
+
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""denoise(x_t (N,C,H,W), t (N,) int64 training timesteps, class_ids (N,) int64) -> network output."""
+
+SamplerName = Literal["ddpm", "ddim", "dpmpp2m"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp2m")
+STOCHASTIC = {"ddpm"}
+
+
+def predict_x0_eps(
+    x: torch.Tensor, model_output: torch.Tensor, alpha: float, sigma: float, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a network output at (alpha, sigma) into the predicted clean sample and noise."""
+    if prediction == "epsilon":
+        eps = model_output
+        x0 = (x - sigma * eps) / alpha
+    elif prediction == "v":
+        x0 = alpha * x - sigma * model_output
+        eps = sigma * x + alpha * model_output
+    else:
+        raise ValueError(f"unknown prediction type {prediction!r}; allowed: epsilon, v")
+    return x0, eps
+
+
+def ddim_step(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    abar_t: float,
+    abar_prev: float,
+    eta: float = 0.0,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One DDIM update from alpha-bar_t to alpha-bar_prev (Song et al. 2021, eq. 12)."""
+    # sigma_eta^2 = eta^2 (1 - abar_prev)/(1 - abar_t) (1 - abar_t/abar_prev); eta = 1 is the DDPM posterior.
+    var = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    std = eta * math.sqrt(max(var, 0.0))
+    x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - std**2, 0.0)) * eps
+    if std > 0:
+        if noise is None:
+            raise ValueError("a stochastic step (eta > 0) needs noise")
+        x_prev = x_prev + std * noise
+    return x_prev
+
+
+def dpmpp_2m_step(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    x0_prev: Optional[torch.Tensor],
+    lambda_prev: Optional[float],
+    abar_s: float,
+    abar_t: float,
+) -> torch.Tensor:
+    """One DPM-Solver++(2M) update from alpha-bar_s to alpha-bar_t (Lu et al. 2022, alg. 2, midpoint form).
+
+    `x0_prev`/`lambda_prev` are the data prediction and lambda of the step before; None gives the first-order
+    update (DPM-Solver++ 1 = DDIM). `abar_t = 1` is the final step to sigma = 0, where the update returns x0.
+    """
+    alpha_s, sigma_s = math.sqrt(abar_s), math.sqrt(1 - abar_s)
+    alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1 - abar_t)
+    if sigma_t == 0.0:
+        return x0  # exp(-h) = 0: the first-order step to sigma = 0 lands on the data prediction
+    lambda_s = math.log(alpha_s / sigma_s)
+    lambda_t = math.log(alpha_t / sigma_t)
+    h = lambda_t - lambda_s
+    phi = math.expm1(-h)  # exp(-h) - 1, accurate for small h
+    # First-order (DDIM) part.
+    x_t = (sigma_t / sigma_s) * x - alpha_t * phi * x0
+    if x0_prev is not None and lambda_prev is not None:
+        # Second-order correction from the previous data prediction: D1 = (x0 - x0_prev) / r0.
+        r0 = (lambda_s - lambda_prev) / h
+        x_t = x_t - 0.5 * alpha_t * phi * (x0 - x0_prev) / r0
+    return x_t
+
+
+def sample(
+    denoise: Denoise,
+    schedule: NoiseSchedule,
+    noise: torch.Tensor,
+    class_ids: torch.Tensor,
+    *,
+    sampler: str = "dpmpp2m",
+    steps: int = 20,
+    eta: float = 0.0,
+    randn: Optional[Callable[[int], torch.Tensor]] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
+    """Run `sampler` for `steps` steps from `noise` (x_T) and return the clean latents x_0.
+
+    `randn(i)` supplies the fresh noise of step i for stochastic samplers (ddpm, ddim with eta > 0); the caller
+    decides where it comes from so an image's noise can depend on that image alone, not on its batch.
+    `on_step(i)` is called after each step (progress bars).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    if sampler == "ddpm":
+        eta = 1.0
+    if eta > 0 and randn is None:
+        raise ValueError(f"sampler {sampler!r} with eta={eta} is stochastic and needs `randn`")
+    prediction = schedule.config.prediction
+    abar = schedule.alphas_cumprod.tolist()
+    timesteps = schedule.timesteps(steps)
+    x = noise
+    x0_prev: Optional[torch.Tensor] = None
+    lambda_prev: Optional[float] = None
+    for i, t in enumerate(timesteps):
+        abar_t = abar[t]
+        abar_next = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        output = denoise(x, t_batch, class_ids).to(x.dtype)
+        x0, eps = predict_x0_eps(x, output, math.sqrt(abar_t), math.sqrt(1 - abar_t), prediction)
+        if sampler == "dpmpp2m":
+            x = dpmpp_2m_step(x, x0, x0_prev, lambda_prev, abar_t, abar_next)
+            x0_prev, lambda_prev = x0, 0.5 * math.log(abar_t / (1 - abar_t))
+        else:
+            step_noise = randn(i) if (eta > 0 and abar_next < 1.0) else None
+            x = ddim_step(x0, eps, abar_t, abar_next, eta=eta if abar_next < 1.0 else 0.0, noise=step_noise)
+        if on_step is not None:
+            on_step(i)
+    return x
+
+
+def classifier_free_guidance(denoise: Denoise, guidance_scale: torch.Tensor, null_id: int) -> Denoise:
+    """Wrap `denoise` with classifier-free guidance (Ho & Salimans 2022), one scale per sample.
+
+    output = uncond + w (cond - uncond); w = 1 is the plain conditional model (the paper's setting) and costs
+    no extra evaluation. Rows with w != 1 get their null-class half in the same batched call.
+    """
+
+    def guided(x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        scale = guidance_scale.to(device=x.device, dtype=x.dtype)
+        rows = torch.nonzero(scale != 1.0).flatten()
+        if rows.numel() == 0:
+            return denoise(x, t, class_ids)
+        null = torch.full_like(class_ids[rows], null_id)
+        out = denoise(
+            torch.cat([x, x[rows]]), torch.cat([t, t[rows]]), torch.cat([class_ids, null])
+        )  # (N + R, C, H, W)
+        cond, uncond = out[: x.shape[0]], out[x.shape[0]:]
+        guided_rows = uncond + scale[rows].view(-1, *([1] * (x.dim() - 1))) * (cond[rows] - uncond)
+        result = cond.clone()
+        result[rows] = guided_rows
+        return result
+
+    return guided
