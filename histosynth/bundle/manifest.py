@@ -1,0 +1,157 @@
+"""`manifest.json`: everything a sampler needs to know about a bundle besides the weights themselves.
+
+The manifest is a typed dataclass loaded with `histosynth.configio.from_dict`, so a hand-edited or foreign
+manifest fails with the key path at fault (``manifest.classes[2].name: expected a string``). It is written
+last by the exporter: a folder without a manifest is not a bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from histosynth.configio import from_dict, require, to_dict
+from histosynth.diffusion.schedule import ScheduleConfig
+from histosynth.errors import InputError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+# The four files every bundle of this format version holds besides the manifest.
+UNET_ONNX = "unet.onnx"
+DECODER_ONNX = "decoder.onnx"
+UNET_WEIGHTS = "unet.safetensors"
+DECODER_WEIGHTS = "decoder.safetensors"
+REQUIRED_FILES = (UNET_ONNX, DECODER_ONNX, UNET_WEIGHTS, DECODER_WEIGHTS)
+
+# Class names become folder names in `generate`'s output, so they must be safe path components.
+_FORBIDDEN_IN_NAMES = set('/\\:*?"<>|') | {chr(c) for c in range(32)}
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    """One class the UNet is conditioned on: its embedding row and a human name (e.g. ``tumour``)."""
+
+    id: int  # row of the UNet class embedding, 0..num_classes-1
+    name: str  # unique; used as the output folder name by `generate`
+
+    def validate(self, path: str) -> None:
+        require(self.id >= 0, f"{path}.id", f"must be >= 0, got {self.id}")
+        require(self.name.strip() == self.name and self.name != "", f"{path}.name",
+                "must be non-empty without leading/trailing spaces")
+        require(self.name not in (".", "..") and not (set(self.name) & _FORBIDDEN_IN_NAMES), f"{path}.name",
+                f"{self.name!r} cannot be a folder name (no / \\ : * ? \" < > | or control characters)")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the weights came from; free-form facts (K, the cluster validity table) go in `extra`."""
+
+    data: str = ""  # the training data (a path, a data set name and split)
+    steps: dict[str, int] = field(default_factory=dict)  # training steps per stage, e.g. {"vqgan": .., "ldm": ..}
+    date: str = ""  # ISO 8601 date-time of the export
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else: {"K": 6, "validity": {...}}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed `manifest.json` of a bundle (format version 1)."""
+
+    format_version: int  # refuses bundles newer than FORMAT_VERSION
+    tile_size: int  # output tiles are tile_size x tile_size pixels
+    microns_per_pixel: float  # physical resolution of the training tiles (written into TIFF tags)
+    latent_shape: tuple[int, int, int]  # (C, H, W) of one latent, H = tile_size / f
+    latent_scale: float  # diffusion runs on latents * latent_scale (1 / std of the training latents)
+    schedule: ScheduleConfig  # the training noise schedule, prediction type included
+    classes: list[ClassEntry]  # ids 0..n-1, in id order
+    null_id: int  # the "no class" embedding row for classifier-free guidance (= number of classes)
+    files: dict[str, str]  # file name -> sha256 hex of every file of the bundle except the manifest
+    provenance: Provenance = field(default_factory=Provenance)
+    unet: dict[str, Any] = field(default_factory=dict)  # UNetConfig as a dict (rebuilds the torch UNet)
+    vqgan: dict[str, Any] = field(default_factory=dict)  # VQGANConfig as a dict (rebuilds the decoder)
+    created_with: str = ""  # histosynth version that wrote the bundle
+
+    def validate(self, path: str) -> None:
+        require(1 <= self.format_version <= FORMAT_VERSION, f"{path}.format_version",
+                f"this histosynth reads format versions 1..{FORMAT_VERSION}")
+        require(self.tile_size > 0, f"{path}.tile_size", f"must be > 0, got {self.tile_size}")
+        require(self.microns_per_pixel > 0, f"{path}.microns_per_pixel", "must be > 0")
+        require(all(s > 0 for s in self.latent_shape), f"{path}.latent_shape", "all sizes must be > 0")
+        require(self.latent_shape[1] == self.latent_shape[2], f"{path}.latent_shape", "latents must be square")
+        require(self.tile_size % self.latent_shape[1] == 0, f"{path}.latent_shape",
+                f"latent size {self.latent_shape[1]} does not divide tile_size {self.tile_size}")
+        require(self.latent_scale > 0, f"{path}.latent_scale", "must be > 0")
+        ids = [c.id for c in self.classes]
+        require(ids == list(range(len(ids))), f"{path}.classes",
+                f"class ids must be 0..{len(ids) - 1} in order, got {ids}")
+        names = [c.name for c in self.classes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        require(not dupes, f"{path}.classes", f"duplicate class names: {', '.join(dupes)}")
+        require(self.null_id == len(self.classes), f"{path}.null_id",
+                f"must equal the number of classes ({len(self.classes)}), got {self.null_id}")
+        missing = [f for f in REQUIRED_FILES if f not in self.files]
+        require(not missing, f"{path}.files", f"missing entries for {', '.join(missing)}")
+        for name, digest in self.files.items():
+            require(Path(name).name == name and name not in (".", "..", MANIFEST_NAME), f"{path}.files",
+                    f"{name!r} must be a plain file name inside the bundle")
+            require(len(digest) == 64 and all(ch in "0123456789abcdef" for ch in digest), f"{path}.files.{name}",
+                    "must be a lowercase sha256 hex digest")
+
+    @property
+    def prediction(self) -> Literal["epsilon", "v"]:
+        """What the UNet predicts (kept inside `schedule`, where training reads it)."""
+        return self.schedule.prediction
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in id order."""
+        return [c.name for c in self.classes]
+
+    def to_json(self) -> str:
+        """The manifest as pretty, key-sorted JSON text (stable bytes, so its hash is stable)."""
+        return json.dumps(to_dict(self), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **changes: Any) -> "Manifest":
+        """A copy with some fields changed (the exporter fills `files` last)."""
+        return dataclasses.replace(self, **changes)
+
+
+def manifest_from_dict(data: Any, path: str = "manifest") -> Manifest:
+    """Parse manifest data, refusing future format versions before looking at keys they may have added."""
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    version = data.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise InputError(
+            f"{path}.format_version: bundle format {version} is newer than this histosynth reads "
+            f"(up to {FORMAT_VERSION}); upgrade histosynth"
+        )
+    return from_dict(Manifest, data, path)
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read `manifest.json` (or the one inside a bundle folder), naming the file in every error."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    if not p.is_file():
+        raise InputError(f"{p}: manifest not found (a bundle folder holds {MANIFEST_NAME})")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{p}: not valid JSON: {e}") from None
+    try:
+        return manifest_from_dict(data, "manifest")
+    except InputError as e:
+        raise InputError(f"{p}: {e}") from None
+
+
+def write_manifest(manifest: Manifest, path: str | Path) -> Path:
+    """Write `manifest` as JSON to `path` (a file, or a folder to hold `manifest.json`)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    p.write_text(manifest.to_json(), encoding="utf-8")
+    return p
