@@ -1,0 +1,122 @@
+"""Recipes (typed loading, errors naming the key path) and the plan (counts, seeds, shards)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from histosynth.configio import from_dict
+from histosynth.errors import InputError
+from histosynth.sampling.plan import Plan, Shard, image_seed
+from histosynth.sampling.recipe import Recipe, load_recipe, resolve_counts
+
+CLASSES = ["adipose", "lymphocytes", "stroma", "tumour"]
+
+
+def recipe(**data) -> Recipe:
+    return from_dict(Recipe, {"bundle": "b", **data}, "recipe")
+
+
+def test_balanced_total_splits_evenly_and_exactly():
+    counts = resolve_counts(recipe(balanced={"total": 10}), CLASSES)
+    assert counts == {"adipose": 3, "lymphocytes": 3, "stroma": 2, "tumour": 2}
+    assert resolve_counts(recipe(balanced={"per_class": 5}), CLASSES) == dict.fromkeys(CLASSES, 5)
+    assert resolve_counts(recipe(balanced={"per_class": 5}, classes=["tumour", "adipose"]), CLASSES) == {
+        "adipose": 5, "tumour": 5}
+
+
+def test_proportions_and_counts():
+    counts = resolve_counts(recipe(proportions={"total": 100, "weights": {"tumour": 3, "stroma": 1}}), CLASSES)
+    assert counts == {"stroma": 25, "tumour": 75}
+    assert resolve_counts(recipe(counts={"tumour": 7}), CLASSES) == {"tumour": 7}
+
+
+def test_top_up_fills_minorities(tmp_path: Path):
+    real = tmp_path / "real"
+    for name, n in {"adipose": 8, "tumour": 2}.items():
+        (real / name).mkdir(parents=True)
+        for i in range(n):
+            (real / name / f"{i}.png").write_bytes(b"x")
+    r = recipe(top_up={"target": 6, "have_from": str(real), "have": {"stroma": 10}})
+    assert resolve_counts(r, CLASSES, tmp_path) == {"lymphocytes": 6, "tumour": 4}
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"counts": {"tumor": 3}}, "recipe.counts.tumor: no class 'tumor' in the bundle; valid names: adipose, "),
+        ({"counts": {"tumour": 0}}, "recipe.counts.tumour: must be a positive count, got 0"),
+        ({"counts": {"tumour": -2}}, "recipe.counts.tumour: must be a positive count"),
+        ({"balanced": {"per_class": 2}, "sampler": {"name": "euler"}},
+         "recipe.sampler.name: unknown value 'euler'; allowed: ddpm, ddim, dpmpp2m"),
+        ({"balanced": {"per_class": 2}, "sampler": {"steps": 0}}, "recipe.sampler.steps: 0 is out of range"),
+        ({"balanced": {"per_class": 2}, "sampler": {"steps": 5000}}, "allowed: 1..1000"),
+        ({"balanced": {"per_class": 2}, "colour": "red"}, "recipe: unknown key 'colour'; allowed: bundle, seed"),
+        ({"balanced": {"per_class": 2, "total": 4}}, "recipe.balanced: give exactly one of per_class, total"),
+        ({"balanced": {"per_class": 2}, "counts": {"tumour": 1}}, "give exactly one of counts, balanced"),
+        ({"balanced": {"per_class": 2}, "overrides": {"tumour": {"steps": -1}}},
+         "recipe.overrides.tumour.steps: -1 is out of range"),
+        ({"balanced": {"per_class": 2}, "overrides": {"nope": {"steps": 3}}}, "recipe.overrides.nope: no class"),
+        ({"balanced": {"per_class": 2}, "output": {"format": "bmp"}},
+         "recipe.output.format: unknown value 'bmp'; allowed: png, jpeg, tiff"),
+        ({"balanced": {"per_class": "many"}}, "recipe.balanced.per_class"),
+    ],
+)
+def test_bad_recipes_name_the_key_and_allowed_values(data, message):
+    with pytest.raises(InputError) as info:
+        resolve_counts(recipe(**data), CLASSES)
+    assert message in str(info.value)
+
+
+def test_load_recipe_resolves_bundle_relative_to_file(tmp_path: Path):
+    path = tmp_path / "r" / "x.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"bundle": "../weights/m", "balanced": {"total": 3}}))
+    r, bundle = load_recipe(path)
+    assert bundle == (tmp_path / "weights" / "m").resolve()
+    path.write_text("bundle: [unclosed")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_recipe(path)
+    with pytest.raises(InputError, match="file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_shipped_recipes_load():
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for path in sorted(root.glob("*.yaml")):
+        load_recipe(path)
+
+
+def test_seeds_depend_on_seed_class_index_only():
+    seeds = {image_seed(0, c, i) for c in range(4) for i in range(500)}
+    assert len(seeds) == 2000
+    assert image_seed(0, 1, 7) == image_seed(0, 1, 7) != image_seed(1, 1, 7)
+
+
+def test_shards_are_disjoint_and_cover_the_plan():
+    plan = Plan(recipe(counts={"adipose": 5, "stroma": 6, "tumour": 3}, split={"val_fraction": 0.2}), CLASSES, "h")
+    everything = [it.relpath for it in plan.items()]
+    assert len(everything) == len(set(everything)) == 14
+    assert everything[0] == "train/adipose/00000.png" and everything[4] == "val/adipose/00004.png"
+    for n in (1, 2, 3, 5, 14, 20):
+        parts = [[it.relpath for it in plan.items(Shard(i, n))] for i in range(n)]
+        assert sorted(sum(parts, [])) == sorted(everything)
+    # An image's seed does not depend on the shard that makes it.
+    by_path = {it.relpath: it.seed for it in plan.items()}
+    assert all(by_path[it.relpath] == it.seed for it in plan.items(Shard(1, 3)))
+
+
+def test_fingerprint_ignores_batch_size_but_not_counts():
+    a = Plan(recipe(balanced={"total": 8}, batch_size=2), CLASSES, "h")
+    b = Plan(recipe(balanced={"total": 8}, batch_size=7), CLASSES, "h")
+    c = Plan(recipe(balanced={"total": 9}), CLASSES, "h")
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    assert Plan(recipe(balanced={"total": 8}), CLASSES, "other-bundle").fingerprint() != a.fingerprint()
+
+
+@pytest.mark.parametrize("text", ["1", "2/2", "a/b", "-1/3", "0/0"])
+def test_bad_shard_specs(text):
+    with pytest.raises(InputError, match="--shard"):
+        Shard.parse(text)
