@@ -25,6 +25,11 @@ DECODER_ONNX = "decoder.onnx"
 UNET_WEIGHTS = "unet.safetensors"
 DECODER_WEIGHTS = "decoder.safetensors"
 REQUIRED_FILES = (UNET_ONNX, DECODER_ONNX, UNET_WEIGHTS, DECODER_WEIGHTS)
+# Names of the ONNX graphs' inputs and outputs (part of the format: the ONNX backend binds by name).
+UNET_INPUTS = ("x", "t", "class_ids")  # float32 (N,C,h,w), float32 (N,) train timesteps, int64 (N,)
+UNET_OUTPUT = "model_output"  # float32 (N,C,h,w): epsilon or v
+DECODER_INPUT = "latents"  # float32 (N,C,h,w), diffusion space (scaled by latent_scale)
+DECODER_OUTPUT = "images"  # float32 (N,3,H,W) in [-1, 1]
 
 # Class names become folder names in `generate`'s output, so they must be safe path components.
 _FORBIDDEN_IN_NAMES = set('/\\:*?"<>|') | {chr(c) for c in range(32)}

@@ -144,3 +144,26 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             )
             raise InputError(f"bundle {root}: {detail}")
     return Bundle(root, manifest, sha256_file(root / MANIFEST_NAME))
+
+
+@dataclass(frozen=True)
+class BundleReport:
+    """A bundle's manifest and the check of every file, without raising on damage (for `histosynth info`)."""
+
+    path: Path
+    manifest: Manifest
+    hash: str  # short manifest hash, as `Bundle.hash`
+    files: list[FileCheck]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.files)
+
+
+def inspect_bundle(path: str | Path) -> BundleReport:
+    """Read the manifest and check each file; damaged files are reported, not raised (the manifest must parse)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"bundle {root}: not a folder (a bundle is a folder holding {MANIFEST_NAME})")
+    manifest = read_manifest(root / MANIFEST_NAME)
+    return BundleReport(root, manifest, sha256_file(root / MANIFEST_NAME)[:SHORT_HASH_LEN], check_files(root, manifest))

@@ -1,0 +1,370 @@
+"""Writing a bundle: ONNX + safetensors for the UNet and the decoder half of the VQ-GAN, then the manifest.
+
+The folder is built under a temporary name beside the target and renamed at the end, and the manifest is
+the last file written inside it: a crash leaves either no bundle or a complete one. Before the rename,
+ONNX Runtime is checked against torch on random inputs and the export fails above a tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+import histosynth
+from histosynth.autoencoder.vqgan import VQGAN, LatentDecoder, VQGANConfig
+from histosynth.bundle.manifest import (
+    DECODER_INPUT,
+    DECODER_ONNX,
+    DECODER_OUTPUT,
+    DECODER_WEIGHTS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    UNET_INPUTS,
+    UNET_ONNX,
+    UNET_OUTPUT,
+    UNET_WEIGHTS,
+    ClassEntry,
+    Manifest,
+    Provenance,
+    write_manifest,
+)
+from histosynth.bundle.modules import BundleDecoder
+from histosynth.bundle.store import sha256_file
+from histosynth.configio import from_dict, load_yaml, to_dict
+from histosynth.diffusion.schedule import ScheduleConfig
+from histosynth.diffusion.unet import UNet, UNetConfig
+from histosynth.errors import InputError, RunError
+from histosynth.runtime.weights import load_checkpoint, load_state_dict, save_checkpoint
+
+ONNX_OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What `export_bundle` wrote and how closely ONNX Runtime matched torch."""
+
+    path: Path
+    manifest: Manifest
+    unet_max_abs_diff: float  # ONNX Runtime vs torch, random inputs, batch 2
+    decoder_max_abs_diff: float
+    tolerance: float
+    file_sizes: dict[str, int]  # bytes per file, manifest included
+    seconds: float
+
+
+def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
+    # Export works on a float32 CPU copy in eval mode, so the caller's (maybe training, maybe CUDA) model is untouched.
+    return copy.deepcopy(module).to(device="cpu", dtype=torch.float32).eval()
+
+
+def _export_onnx(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
+                 input_names: tuple[str, ...], output_name: str) -> None:
+    dynamic_axes = {name: {0: "batch"} for name in (*input_names, output_name)}
+    with warnings.catch_warnings():
+        # The legacy exporter is deprecated in favour of dynamo; it is still the one that handles these
+        # networks' data-dependent argmin and dynamic batch reliably, so its deprecation notice is noise here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, opset_version=ONNX_OPSET, input_names=list(input_names),
+            output_names=[output_name], dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _max_abs_diff(a: np.ndarray, b: torch.Tensor) -> float:
+    diff = np.abs(a.astype(np.float64) - b.numpy().astype(np.float64))
+    return float(diff.max()) if diff.size else 0.0
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` folder to `out`, replacing an old bundle there with as short a gap as possible."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"--out {out}: folder is not empty; pass --overwrite to replace a bundle there")
+        if not (out / MANIFEST_NAME).is_file():
+            # Never delete a folder of unknown files, even when asked to overwrite.
+            raise InputError(f"--out {out}: not empty and not a bundle (no {MANIFEST_NAME}); refusing to replace it")
+
+
+def export_bundle(
+    vqgan: VQGAN | LatentDecoder,
+    unet: UNet,
+    out_dir: str | Path,
+    *,
+    class_names: list[str],
+    schedule_config: ScheduleConfig,
+    latent_scale: float,
+    tile_size: int,
+    microns_per_pixel: float,
+    provenance: Provenance | Mapping[str, Any] | None = None,
+    tolerance: float = 1e-3,
+    overwrite: bool = False,
+    seed: int = 0,
+    on_stage: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Write a complete, verified bundle to `out_dir` and return an `ExportReport`.
+
+    `vqgan` may be the full autoencoder or just its `LatentDecoder`; only the decoder half is written.
+    `class_names[i]` names UNet class id `i`. Raises `InputError` for inconsistent arguments and `RunError`
+    when ONNX Runtime disagrees with torch by more than `tolerance` (nothing is written then).
+    """
+    start = time.perf_counter()
+    stage = on_stage or (lambda _msg: None)
+    out = Path(out_dir)
+    _check_target(out, overwrite)
+
+    latent_decoder = vqgan.latent_decoder() if isinstance(vqgan, VQGAN) else vqgan
+    vq_config: VQGANConfig = latent_decoder.config
+    unet_config: UNetConfig = unet.config
+    if len(class_names) != unet_config.num_classes:
+        raise InputError(
+            f"labels: {len(class_names)} class names for a UNet trained on {unet_config.num_classes} classes"
+        )
+    if unet_config.in_channels != vq_config.latent_channels:
+        raise InputError(
+            f"unet.in_channels ({unet_config.in_channels}) != vqgan.latent_channels ({vq_config.latent_channels}):"
+            " the two checkpoints do not belong together"
+        )
+    f = vq_config.downsample_factor
+    if tile_size <= 0 or tile_size % f:
+        raise InputError(f"tile_size: {tile_size} must be a positive multiple of the VQ-GAN's factor f={f}")
+    if not (latent_scale > 0 and np.isfinite(latent_scale)):
+        raise InputError(f"latent_scale: must be a positive number, got {latent_scale}")
+    if tolerance <= 0:
+        raise InputError(f"tolerance: must be > 0, got {tolerance}")
+    if provenance is None:
+        provenance = Provenance()
+    elif not isinstance(provenance, Provenance):
+        provenance = from_dict(Provenance, dict(provenance), "provenance")
+    if not provenance.date:
+        provenance = Provenance(provenance.data, provenance.steps,
+                                _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), provenance.extra)
+
+    latent_shape = (vq_config.latent_channels, tile_size // f, tile_size // f)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        tile_size=tile_size,
+        microns_per_pixel=float(microns_per_pixel),
+        latent_shape=latent_shape,
+        latent_scale=float(latent_scale),
+        schedule=schedule_config,
+        classes=[ClassEntry(i, name) for i, name in enumerate(class_names)],
+        null_id=unet_config.num_classes,
+        files={name: "0" * 64 for name in (UNET_ONNX, DECODER_ONNX, UNET_WEIGHTS, DECODER_WEIGHTS)},
+        provenance=provenance,
+        unet=to_dict(unet_config),
+        vqgan=to_dict(vq_config),
+        created_with=histosynth.__version__,
+    )
+    manifest.validate("manifest")  # class names and shapes, before any slow work
+
+    unet_cpu = _cpu_copy(unet)
+    decoder_cpu = BundleDecoder(_cpu_copy(latent_decoder), latent_scale).eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        stage("saving weights")
+        save_checkpoint(unet_cpu, tmp / UNET_WEIGHTS, manifest.unet, {"kind": "unet"})
+        save_checkpoint(decoder_cpu.latent_decoder, tmp / DECODER_WEIGHTS, manifest.vqgan,
+                        {"kind": "decoder", "latent_scale": float(latent_scale)})
+
+        # Random inputs for export tracing and the parity check (batch 2, the null class included).
+        gen = torch.Generator().manual_seed(seed)
+        n = 2
+        x = torch.randn((n, *latent_shape), generator=gen)
+        t = torch.randint(0, schedule_config.num_train_steps, (n,), generator=gen).float()
+        class_ids = torch.tensor([0, unet_config.num_classes], dtype=torch.int64)
+        # Decoder inputs are codebook vectors (in diffusion space): random latents could sit almost halfway
+        # between two codes, where float rounding lets torch and ONNX Runtime pick different codes and the
+        # check would fail for a reason that is not a bug.
+        codebook = decoder_cpu.latent_decoder.quantizer.embedding.weight.detach()  # (K, C)
+        picks = torch.randint(0, codebook.shape[0], (n, latent_shape[1], latent_shape[2]), generator=gen)
+        latents = codebook[picks].permute(0, 3, 1, 2).contiguous() * latent_scale  # (N, C, h, w)
+
+        stage("exporting unet.onnx")
+        _export_onnx(unet_cpu, (x, t, class_ids), tmp / UNET_ONNX, UNET_INPUTS, UNET_OUTPUT)
+        stage("exporting decoder.onnx")
+        _export_onnx(decoder_cpu, (latents,), tmp / DECODER_ONNX, (DECODER_INPUT,), DECODER_OUTPUT)
+
+        stage("checking ONNX Runtime against torch")
+        with torch.inference_mode():
+            ref_unet = unet_cpu(x, t, class_ids)
+            ref_images = decoder_cpu(latents)
+        try:
+            unet_ort = _ort_session(tmp / UNET_ONNX).run(
+                [UNET_OUTPUT], {"x": x.numpy(), "t": t.numpy(), "class_ids": class_ids.numpy()})[0]
+            images_ort = _ort_session(tmp / DECODER_ONNX).run([DECODER_OUTPUT], {DECODER_INPUT: latents.numpy()})[0]
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise RunError(f"ONNX Runtime cannot run the exported model: {e}") from None
+        unet_diff = _max_abs_diff(unet_ort, ref_unet)
+        decoder_diff = _max_abs_diff(images_ort, ref_images)
+        for name, diff in (("unet", unet_diff), ("decoder", decoder_diff)):
+            if not diff <= tolerance:  # also catches NaN
+                raise RunError(
+                    f"export: ONNX Runtime differs from torch on the {name} by {diff:.3g} (tolerance {tolerance:g})"
+                )
+
+        stage("writing manifest")
+        manifest = manifest.replace(
+            files={name: sha256_file(tmp / name) for name in (UNET_ONNX, DECODER_ONNX, UNET_WEIGHTS, DECODER_WEIGHTS)}
+        )
+        write_manifest(manifest, tmp / MANIFEST_NAME)  # last: a folder without it is not a bundle
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportReport(out, manifest, unet_diff, decoder_diff, tolerance, sizes, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------------
+# From training checkpoints
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """The final label map from `review apply`: the classes, and everything else kept as provenance."""
+
+    classes: list[ClassEntry]
+    extra: dict[str, Any]
+
+
+def read_label_map(path: str | Path) -> LabelMap:
+    """Read a label map (YAML or JSON, see docs/bundle.md); ids must be 0..n-1, names unique."""
+    p = Path(path)
+    data = load_yaml(p)  # JSON is YAML; errors name the file
+    if not isinstance(data, dict) or "classes" not in data:
+        raise InputError(f"{p}: a label map needs a top-level 'classes' list of {{id, name}}")
+    raw = data["classes"]
+    if not isinstance(raw, list) or not raw:
+        raise InputError(f"{p}: classes: expected a non-empty list of {{id, name}}")
+    entries = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise InputError(f"{p}: classes[{i}]: expected a mapping with 'id' and 'name', got {item!r}")
+        # Only id and name define a class; other per-class keys (e.g. merged clusters) stay in provenance.
+        entries.append(from_dict(ClassEntry, {k: item.get(k) for k in ("id", "name") if k in item},
+                                 f"{p}: classes[{i}]"))
+    entries.sort(key=lambda e: e.id)
+    ids = [e.id for e in entries]
+    if ids != list(range(len(ids))):
+        raise InputError(f"{p}: classes: ids must be 0..{len(ids) - 1}, each once; got {sorted(ids)}")
+    names = [e.name for e in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"{p}: classes: duplicate names {', '.join(dupes)}")
+    extra = {k: v for k, v in data.items() if k != "classes"}
+    if any(set(item) - {"id", "name"} for item in raw):
+        extra["classes"] = raw
+    return LabelMap(entries, extra)
+
+
+def _pick(key: str, override: Any, *sources: Mapping[str, Any]) -> Any:
+    if override is not None:
+        return override
+    for source in sources:
+        if key in source:
+            return source[key]
+    return None
+
+
+def export_from_checkpoints(
+    vqgan_ckpt: str | Path,
+    unet_ckpt: str | Path,
+    label_map: str | Path,
+    out_dir: str | Path,
+    *,
+    tile_size: int | None = None,
+    microns_per_pixel: float | None = None,
+    latent_scale: float | None = None,
+    data: str | None = None,
+    tolerance: float = 1e-3,
+    overwrite: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """`histosynth export`: rebuild both networks from their checkpoints and write a bundle.
+
+    Facts not given as arguments come from the checkpoints' `extra` metadata (UNet first, then VQ-GAN;
+    keys in docs/bundle.md). A missing required fact is an `InputError` naming the option to pass.
+    """
+    stage = on_stage or (lambda _msg: None)
+    stage("reading checkpoints")
+    vq_state, vq_config, vq_extra = load_checkpoint(vqgan_ckpt)
+    unet_state, unet_config, unet_extra = load_checkpoint(unet_ckpt)
+    for path, extra, kinds in ((vqgan_ckpt, vq_extra, ("vqgan",)), (unet_ckpt, unet_extra, ("unet", "ldm", "cldm"))):
+        kind = extra.get("kind")
+        if kind is not None and kind not in kinds:
+            raise InputError(f"{path}: is a {kind!r} checkpoint, expected {' or '.join(kinds)}")
+    labels = read_label_map(label_map)
+
+    vqgan = VQGAN(from_dict(VQGANConfig, vq_config, f"{vqgan_ckpt}: config"))
+    # Only the decoder half is exported; a checkpoint holding only that half loads too.
+    if any(k.startswith("encoder.") for k in vq_state):
+        load_state_dict(vqgan, vq_state, vqgan_ckpt)
+        decoder: VQGAN | LatentDecoder = vqgan
+    else:
+        decoder = vqgan.latent_decoder()
+        load_state_dict(decoder, vq_state, vqgan_ckpt)
+    unet = UNet(from_dict(UNetConfig, unet_config, f"{unet_ckpt}: config"))
+    load_state_dict(unet, unet_state, unet_ckpt)
+
+    tile = _pick("tile_size", tile_size, unet_extra, vq_extra)
+    if tile is None:
+        raise InputError("--tile-size: not recorded in either checkpoint; pass it")
+    scale = _pick("latent_scale", latent_scale, unet_extra, vq_extra)
+    if scale is None:
+        raise InputError(f"--latent-scale: not recorded in {unet_ckpt}; pass it")
+    mpp = _pick("microns_per_pixel", microns_per_pixel, unet_extra, vq_extra)
+    schedule = from_dict(ScheduleConfig, unet_extra.get("schedule", {}), f"{unet_ckpt}: extra.schedule")
+    steps = {name: int(extra["step"]) for name, extra in (("vqgan", vq_extra), ("ldm", unet_extra))
+             if isinstance(extra.get("step"), int)}
+    provenance = Provenance(
+        data=str(_pick("data", data, unet_extra, vq_extra) or ""),
+        steps=steps,
+        extra={**labels.extra, "checkpoints": {"vqgan": Path(vqgan_ckpt).name, "unet": Path(unet_ckpt).name}},
+    )
+    return export_bundle(
+        decoder, unet, out_dir,
+        class_names=[c.name for c in labels.classes],
+        schedule_config=schedule,
+        latent_scale=float(scale),
+        tile_size=int(tile),
+        microns_per_pixel=float(mpp if mpp is not None else 0.5),
+        provenance=provenance,
+        tolerance=tolerance,
+        overwrite=overwrite,
+        on_stage=on_stage,
+    )

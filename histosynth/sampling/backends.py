@@ -1,0 +1,303 @@
+"""Inference backends: one `denoise(x, t, class_ids)` and one `decode(latents)` over torch or ONNX Runtime.
+
+The sampler loop (`histosynth.diffusion.samplers`) is written once over torch tensors; a backend only runs
+the two networks. Both backends take tensors on any device and return results on the device and dtype of
+their input, so the loop's arithmetic never crosses devices. Asking for CUDA where it is not active is an
+error, never a silent CPU fallback.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from histosynth.bundle.manifest import DECODER_INPUT, DECODER_OUTPUT, UNET_INPUTS, UNET_OUTPUT
+from histosynth.bundle.store import Bundle
+from histosynth.errors import InputError, RunError
+from histosynth.runtime.devices import resolve_device
+
+BACKENDS = ("auto", "onnx", "torch")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_CUDA_EP = "CUDAExecutionProvider"
+_CPU_EP = "CPUExecutionProvider"
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounding to the nearest level."""
+    pixels = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the sampler and the writers need from a model runtime."""
+
+    name: str  # "torch" or "onnx"
+    device: str  # "cpu", "cuda:0", ...
+    providers: list[str]  # ONNX Runtime execution providers really in use ([] for torch)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """UNet output for noisy latents `x (N, C, h, w)`, train timesteps `t (N,)`, `class_ids (N,)` int64."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Diffusion-space latents (N, C, h, w) -> uint8 images (N, H, W, 3)."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """Backend, device, dtypes and providers, for run manifests."""
+        ...
+
+
+class TorchBackend:
+    """The bundle's networks as torch modules; fp16/bf16 for the UNet on CUDA only, decoder fp32 by default."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "cpu",
+        unet_dtype: torch.dtype = torch.float32,
+        decoder_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        dev = torch.device(device)
+        for what, dtype in (("unet", unet_dtype), ("decoder", decoder_dtype)):
+            if dtype not in DTYPES.values():
+                raise InputError(f"--dtype: {dtype} is not supported for the {what}; allowed: fp32, fp16, bf16")
+            if dtype != torch.float32 and dev.type != "cuda":
+                # Half precision convolutions on the CPU are slow or missing; refuse rather than crawl.
+                raise InputError(f"--dtype: {_dtype_name(dtype)} is only supported on CUDA; use fp32 on {dev}")
+        self._device = dev
+        self.device = str(dev)
+        self.unet_dtype = unet_dtype
+        self.decoder_dtype = decoder_dtype
+        self.providers: list[str] = []
+        self.unet = bundle.build_unet(dev, unet_dtype)
+        self.decoder = bundle.build_decoder(dev, decoder_dtype)
+
+    @torch.inference_mode()
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        out = self.unet(
+            x.to(self._device, self.unet_dtype), t.to(self._device), class_ids.to(self._device, torch.int64)
+        )
+        return out.to(x.device, x.dtype)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self.decoder(latents.to(self._device, self.decoder_dtype)))
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.name, "device": self.device, "unet_dtype": _dtype_name(self.unet_dtype),
+                "decoder_dtype": _dtype_name(self.decoder_dtype), "providers": ""}
+
+
+class OnnxBackend:
+    """The bundle's ONNX graphs in ONNX Runtime (fp32).
+
+    On CUDA the inputs and outputs are bound to torch CUDA tensors (I/O binding by `data_ptr`), so latents
+    stay on the GPU between sampler steps; on the CPU numpy views of the tensors are passed.
+    """
+
+    name = "onnx"
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu") -> None:
+        import onnxruntime as ort
+
+        dev = torch.device(device)
+        self._device = dev
+        self.device = str(dev)
+        self._ort = ort
+        if dev.type == "cuda":
+            if _CUDA_EP not in ort.get_available_providers():
+                raise InputError(
+                    f"--device {dev} with --backend onnx needs onnxruntime-gpu (installed: onnxruntime "
+                    f"{ort.__version__}, providers {', '.join(ort.get_available_providers())}); see docs/bundle.md"
+                )
+            providers: list[Any] = [(_CUDA_EP, {"device_id": dev.index or 0}), _CPU_EP]
+        elif dev.type == "cpu":
+            providers = [_CPU_EP]
+        else:
+            raise InputError(f"--device {dev}: the ONNX backend runs on cpu or cuda")
+        self.unet_session = _session(ort, bundle.unet_onnx, providers)
+        self.decoder_session = _session(ort, bundle.decoder_onnx, providers)
+        active = self.unet_session.get_providers()
+        if dev.type == "cuda" and active[0] != _CUDA_EP:
+            # ORT quietly drops CUDA when its libraries (cuDNN, CUDA runtime) fail to load.
+            raise RunError(f"ONNX Runtime did not activate {_CUDA_EP} for {dev} (active: {', '.join(active)}); "
+                           "check the CUDA/cuDNN libraries that onnxruntime-gpu needs")
+        self.providers = list(active)
+        image_size = bundle.manifest.tile_size
+        self._image_shape = (3, image_size, image_size)
+        t_input = next(i for i in self.unet_session.get_inputs() if i.name == UNET_INPUTS[1])
+        self._t_dtype = torch.int64 if t_input.type == "tensor(int64)" else torch.float32
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        inputs = {
+            UNET_INPUTS[0]: x.to(self._device, torch.float32).contiguous(),
+            UNET_INPUTS[1]: t.to(self._device, self._t_dtype).contiguous(),
+            UNET_INPUTS[2]: class_ids.to(self._device, torch.int64).contiguous(),
+        }
+        out = self._run(self.unet_session, inputs, UNET_OUTPUT, tuple(x.shape))
+        return out.to(x.device, x.dtype)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        inputs = {DECODER_INPUT: latents.to(self._device, torch.float32).contiguous()}
+        images = self._run(self.decoder_session, inputs, DECODER_OUTPUT, (latents.shape[0], *self._image_shape))
+        return to_uint8(images)
+
+    def _run(self, session: Any, inputs: dict[str, torch.Tensor], output: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if self._device.type == "cpu":
+            result = session.run([output], {k: v.numpy() for k, v in inputs.items()})[0]
+            return torch.from_numpy(result)
+        binding = session.io_binding()
+        index = self._device.index or 0
+        for name, tensor in inputs.items():
+            binding.bind_input(name, "cuda", index, _NP_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
+        result = torch.empty(shape, dtype=torch.float32, device=self._device)
+        binding.bind_output(output, "cuda", index, np.float32, shape, result.data_ptr())
+        # ORT runs on its own CUDA stream: make torch's pending writes to the inputs visible first.
+        torch.cuda.current_stream(self._device).synchronize()
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return result
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.name, "device": self.device, "unet_dtype": "fp32", "decoder_dtype": "fp32",
+                "providers": ",".join(self.providers)}
+
+
+_NP_TYPES = {torch.float32: np.float32, torch.int64: np.int64}
+
+
+def _session(ort: Any, path: Any, providers: list[Any]) -> Any:
+    options = ort.SessionOptions()
+    # Match torch's thread budget so two runtimes never oversubscribe the cores together.
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # ORT's own exception classes
+        raise RunError(f"{path}: ONNX Runtime cannot load it: {e}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def available_providers() -> list[str]:
+    """Execution providers the installed ONNX Runtime build offers (not proof that they work)."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def active_providers() -> list[str]:
+    """Providers that really run: a one-node ONNX model is loaded with every available provider.
+
+    ORT drops a provider whose libraries fail to load (a GPU build without CUDA/cuDNN, no GPU), so
+    `get_providers()` of a live session is the truth; `available_providers()` is only the wish list.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)  # readable by older ORT builds too
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failing provider must not spam; its absence is the answer
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                   providers=ort.get_available_providers())
+    return list(session.get_providers())
+
+
+def environment_info() -> dict[str, str]:
+    """Versions, devices and ONNX Runtime providers (installed and really active), for `histosynth info`."""
+    import platform
+    from importlib import metadata
+
+    import histosynth
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    ort_builds = [f"{d} {v}" for d in ("onnxruntime", "onnxruntime-gpu") if (v := version(d))]
+    info = {
+        "histosynth": histosynth.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": version("onnx") or "not installed",
+        # Both builds installed at once is a broken setup (they share the module); show it plainly.
+        "onnxruntime": ", ".join(ort_builds) or "not installed",
+        "torch devices": ", ".join(["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                                              for i in range(torch.cuda.device_count())]),
+    }
+    if len(ort_builds) > 1:
+        info["onnxruntime"] += "  (both installed: uninstall both, then install one; see docs/bundle.md)"
+    try:
+        info["ONNX Runtime providers (available)"] = ", ".join(available_providers())
+        info["ONNX Runtime providers (active)"] = ", ".join(active_providers())
+    except Exception as e:  # a broken ORT install must not hide the rest of the report
+        info["ONNX Runtime providers (active)"] = f"unavailable: {e}"
+    return info
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto|fp32|fp16|bf16` -> the UNet's torch dtype; `auto` is fp16 on CUDA, fp32 elsewhere."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if spec not in DTYPES:
+        raise InputError(f"--dtype: unknown value {spec!r}; allowed: auto, {', '.join(DTYPES)}")
+    return DTYPES[spec]
+
+
+def make_backend(
+    bundle: Bundle,
+    backend: Literal["auto", "onnx", "torch"] | str = "auto",
+    device: str = "auto",
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] | str = "auto",
+) -> Backend:
+    """Choose and build a backend from the user's `--backend`, `--device` and `--dtype`.
+
+    `auto` is torch on CUDA (fp16/bf16 UNets, no ORT GPU build needed) and ONNX Runtime on the CPU, where it
+    ran the tiny test UNet about 1.5-2x faster than torch's eager mode (measured on the 2-core CI machine,
+    batch 8; see docs/benchmarks.md for bundle-size numbers).
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"--backend: unknown value {backend!r}; allowed: {', '.join(BACKENDS)}")
+    dev = resolve_device(device)
+    if backend == "auto":
+        backend = "torch" if dev.type == "cuda" else "onnx"
+    if backend == "onnx":
+        if dtype not in ("auto", "fp32"):
+            raise InputError(f"--dtype {dtype}: the ONNX backend runs fp32 only; use --backend torch for fp16/bf16")
+        return OnnxBackend(bundle, dev)
+    return TorchBackend(bundle, dev, resolve_dtype(dtype, dev))
+
+
+def time_backend(backend: Backend, bundle: Bundle, batch_size: int = 8, repeats: int = 5) -> float:
+    """Median seconds of one `denoise` call on random latents (for the benchmark and choosing `auto`)."""
+    c, h, w = bundle.manifest.latent_shape
+    x = torch.randn(batch_size, c, h, w)
+    t = torch.full((batch_size,), bundle.manifest.schedule.num_train_steps // 2, dtype=torch.int64)
+    y = torch.zeros(batch_size, dtype=torch.int64)
+    backend.denoise(x, t, y)  # warm-up: ORT and cuDNN choose their kernels on the first call
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        backend.denoise(x, t, y)
+        if backend.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
