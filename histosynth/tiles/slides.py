@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 import tifffile
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from histosynth.errors import InputError
 
@@ -327,8 +327,10 @@ class ImageSlide(Slide):
                 rgb = img.convert("RGB")
         except Image.DecompressionBombError as e:
             raise InputError(f"{path}: {e}; store very large images as pyramidal TIFF") from None
+        except UnidentifiedImageError:
+            raise InputError(f"{path}: not an image or slide (neither TIFF nor a format Pillow reads)") from None
         except (OSError, SyntaxError, ValueError) as e:
-            raise InputError(f"{path}: not a readable image or slide ({e})") from None
+            raise InputError(f"{path}: unreadable image ({e})") from None
         self._array = np.asarray(rgb)
         h, w = self._array.shape[:2]
         # Screen dpi in PNG/JPEG headers says nothing about a microscope, so only the user's value counts.
@@ -385,7 +387,7 @@ def choose_level(
             raise InputError(f"mpp: must be positive, got {target_mpp}")
         if slide.mpp is None:
             raise InputError(
-                f"{slide.path.name}: microns per pixel unknown (no MPP metadata); pass the source's scale "
+                f"{slide.path}: microns per pixel unknown (no MPP metadata); pass the source's scale "
                 "(--source-mpp) or tile without --mpp"
             )
         factor = target_mpp / slide.mpp  # level-0 pixels per output pixel
@@ -397,7 +399,7 @@ def choose_level(
         base_mag = slide.magnification or (10.0 / slide.mpp if slide.mpp else None)
         if base_mag is None:
             raise InputError(
-                f"{slide.path.name}: magnification unknown (no AppMag or MPP metadata); pass the source's "
+                f"{slide.path}: magnification unknown (no AppMag or MPP metadata); pass the source's "
                 "scale (--source-mpp) or tile without --magnification"
             )
         factor = base_mag / magnification
@@ -405,7 +407,7 @@ def choose_level(
     if factor < 1 - SCALE_TOLERANCE:
         finest = f"{slide.mpp:.4g} um/px" if slide.mpp else "its level 0"
         raise InputError(
-            f"{slide.path.name}: target {what} is finer than the slide's finest level ({finest}); "
+            f"{slide.path}: target {what} is finer than the slide's finest level ({finest}); "
             "upsampling would invent detail"
         )
     best = slide.levels[0]

@@ -245,6 +245,9 @@ def tile_sources(
     only for a bad `config` or an `out_dir` that already holds tiles (unless ``config.overwrite``).
     """
     config.validate("tile")
+    sources = _expand(list(paths))
+    if not sources:
+        raise InputError(f"sources: no files found in {', '.join(map(str, paths)) or 'an empty list'}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {out} exists and is not a folder")
@@ -255,7 +258,6 @@ def tile_sources(
         _remove_previous(out, csv_path)
     out.mkdir(parents=True, exist_ok=True)
 
-    sources = _expand(list(paths))
     report = TileReport(out, csv_path, config)
     rows: list[dict] = []
     used_names: set[str] = set()
@@ -290,6 +292,7 @@ def tile_sources(
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
                 reason = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
+                reason = reason.removeprefix(f"{source}: ")  # the report names the source already
                 report.sources.append(SourceReport(source, "skipped", reason=reason))
             progress.advance(overall)
 
