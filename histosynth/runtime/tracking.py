@@ -1,0 +1,120 @@
+"""What a training run tells the user: a JSONL metrics log and a rich progress bar, both rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from histosynth.runtime import dist
+
+
+def _plain(value: Any) -> Any:
+    # Tensors and numpy scalars become floats; NaN/inf become strings so every line stays valid JSON.
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Append one JSON object per line to `path` (``{"step", "split", "time", ...metrics}``), on rank 0.
+
+    When a run resumes from step S, records with ``step > S`` (written after the last checkpoint by the
+    interrupted run) are dropped first, so the log reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.enabled = dist.is_main()
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("", encoding="utf-8")
+        elif self.path.exists():
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, ValueError, AttributeError):
+                continue  # a line torn by a crash
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
+        """Write one record (a no-op off rank 0)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """The records of a JSONL metrics log (optionally of one split)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if split is None or record.get("split") == split:
+                out.append(record)
+    return out
+
+
+class TrainProgress:
+    """A rich progress bar over optimizer steps with ETA and the latest losses; silent off rank 0.
+
+    Use as a context manager: ``with TrainProgress(total, start) as bar: bar.update(step, loss=...)``.
+    """
+
+    def __init__(self, total: int, start: int = 0, description: str = "training", *,
+                 enabled: bool = True, console: Console | None = None) -> None:
+        self.enabled = enabled and dist.is_main()
+        self.total = total
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=console or Console(stderr=True),
+            disable=not self.enabled,
+        )
+        self._task = self._progress.add_task(description, total=total, completed=start, metrics="")
+
+    def __enter__(self) -> TrainProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._progress.stop()
+
+    def update(self, step: int, **metrics: float) -> None:
+        """Show `step` done, with `metrics` (short names) formatted to 4 significant digits."""
+        text = "  ".join(f"{k} {float(_plain(v)):.4g}" for k, v in metrics.items())
+        self._progress.update(self._task, completed=step, **({"metrics": text} if metrics else {}))
