@@ -1,0 +1,512 @@
+"""`histosynth train vqgan`: the first stage, a VQ-GAN (f=4) trained on unlabeled tiles.
+
+One loop for one process and for ``torchrun --nproc_per_node N`` (DDP on the autoencoder and on the
+discriminator; rank 0 alone writes files). A run folder holds::
+
+    config.yaml                  the resolved config of the run
+    metrics.jsonl                train losses, codebook usage/perplexity, throughput; validation metrics
+    checkpoints/step-*.safetensors   resume checkpoints (fp32 weights, optimizers, RNG states), newest kept
+    samples/step-*.png           originals (top row) over reconstructions (bottom row) of fixed held-out tiles
+    vqgan.safetensors            the export checkpoint (weights only; `histosynth export` and `train encode` read it)
+
+Run again with the same folder to resume from its newest checkpoint; the result is the same as an
+uninterrupted run with the same seed (the data order is a function of seed and epoch, and every RNG state
+is restored).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from histosynth.autoencoder.losses import VQGANLoss, VQGANLossConfig
+from histosynth.autoencoder.vqgan import VQGAN, VQGANConfig
+from histosynth.configio import load, require, to_dict
+from histosynth.errors import InputError, RunError
+from histosynth.metrics.ssim import ms_ssim, ms_ssim_scales, psnr, ssim
+from histosynth.runtime import dist
+from histosynth.runtime.checkpointing import (
+    TrainState,
+    latest_checkpoint,
+    load_resume_checkpoint,
+    read_resume_header,
+    save_resume_checkpoint,
+)
+from histosynth.runtime.tracking import MetricsLogger, TrainProgress
+from histosynth.runtime.trainer import EMA, ema_as_module, save_export, seed_everything
+from histosynth.runtime.weights import load_checkpoint, load_state_dict
+from histosynth.tiles.dataset import SizePolicy, open_tiles
+
+EXPORT_NAME = "vqgan.safetensors"
+
+
+@dataclass(frozen=True)
+class VQGANTrainConfig:
+    """Everything `train_vqgan` needs; loaded from YAML (`load_train_config`). Paths are relative to the cwd."""
+
+    data: Path  # folder of tiles (recursive) or an (N, H, W, 3) uint8 .npy
+    tile_size: int = 96  # tiles are served at this size (a multiple of f=4)
+    size_policy: SizePolicy = "error"  # tiles of another size: error | crop | resize (see tiles.dataset)
+    val_data: Path | None = None  # held-out tiles; None: hold out val_fraction of `data`
+    val_fraction: float = 0.02  # share of `data` held out when val_data is None (chosen by seed)
+    val_max_tiles: int = 256  # validation uses at most this many held-out tiles (the first ones)
+    model: VQGANConfig = VQGANConfig()
+    loss: VQGANLossConfig = VQGANLossConfig()
+    batch_size: int = 16  # per process
+    lr: float = 2e-4  # Adam, autoencoder
+    disc_lr: float | None = None  # Adam, discriminator; None: same as lr
+    betas: tuple[float, float] = (0.5, 0.9)  # taming's Adam betas for both networks
+    grad_clip: float | None = None  # clip the autoencoder's gradient norm; None: no clipping
+    steps: int = 20000  # optimizer steps in total (a resumed run continues up to this)
+    disc_start: int = 5000  # step at which the discriminator, GAN and feature-matching terms switch on
+    augment: bool = True  # random flips / 90-degree rotations of each tile (histology has no orientation)
+    dead_code_every: int = 200  # every M steps re-initialise unused codes from current encoder outputs; 0: never
+    dead_code_threshold: float = 0.01  # a code is dead when its usage EMA is below this share of uniform use
+    ema_decay: float = 0.0  # EMA of the autoencoder's weights for validation/export; 0: no EMA
+    log_every: int = 50  # steps between train-metric records (averaged over the window and the ranks)
+    val_every: int = 1000  # steps between validations (and at the end)
+    sample_every: int = 1000  # steps between sample grids (and at the end)
+    sample_count: int = 8  # tiles per sample grid
+    ckpt_every: int = 1000  # steps between resume checkpoints (and at the end)
+    keep_checkpoints: int = 3  # newest resume checkpoints kept
+    export_dtype: Literal["float16", "float32"] = "float16"  # dtype of vqgan.safetensors
+    seed: int = 0  # python/numpy/torch seeds (+ rank offset), data order, validation split
+    num_workers: int = 0  # DataLoader worker processes per rank
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+
+    def validate(self, path: str) -> None:
+        """Cross-field checks (called by configio)."""
+        f = self.model.downsample_factor
+        require(self.tile_size > 0 and self.tile_size % f == 0, f"{path}.tile_size",
+                f"must be a positive multiple of the downsampling factor {f}, got {self.tile_size}")
+        require(ms_ssim_scales(self.tile_size, self.tile_size) >= 1 or self.loss.ms_ssim_weight == 0,
+                f"{path}.loss.ms_ssim_weight", f"tiles of {self.tile_size} px are too small for MS-SSIM; set 0")
+        require(0.0 <= self.val_fraction < 1.0, f"{path}.val_fraction", "must be in [0, 1)")
+        require(self.val_data is not None or self.val_fraction > 0, f"{path}.val_fraction",
+                "must be > 0 when val_data is not given")
+        require(self.val_max_tiles >= 1, f"{path}.val_max_tiles", "must be at least 1")
+        require(self.batch_size >= 1, f"{path}.batch_size", "must be at least 1")
+        require(self.lr > 0, f"{path}.lr", "must be > 0")
+        require(self.disc_lr is None or self.disc_lr > 0, f"{path}.disc_lr", "must be > 0")
+        require(all(0 <= b < 1 for b in self.betas), f"{path}.betas", "must be in [0, 1)")
+        require(self.grad_clip is None or self.grad_clip > 0, f"{path}.grad_clip", "must be > 0")
+        require(self.steps >= 1, f"{path}.steps", "must be at least 1")
+        require(self.disc_start >= 0, f"{path}.disc_start", "must be >= 0")
+        require(self.dead_code_every >= 0, f"{path}.dead_code_every", "must be >= 0")
+        require(self.dead_code_threshold >= 0, f"{path}.dead_code_threshold", "must be >= 0")
+        require(0.0 <= self.ema_decay < 1.0, f"{path}.ema_decay", "must be in [0, 1)")
+        for name in ("log_every", "val_every", "sample_every", "ckpt_every", "keep_checkpoints", "sample_count"):
+            require(getattr(self, name) >= 1, f"{path}.{name}", "must be at least 1")
+        require(self.seed >= 0, f"{path}.seed", "must be >= 0")
+        require(self.num_workers >= 0, f"{path}.num_workers", "must be >= 0")
+        require(self.threads >= 0, f"{path}.threads", "must be >= 0")
+
+
+def load_train_config(path: str | Path, **overrides: Any) -> VQGANTrainConfig:
+    """Read a `VQGANTrainConfig` from YAML; `overrides` (e.g. ``steps=``, ``seed=``) replace fields when not None."""
+    config = load(VQGANTrainConfig, path, root="vqgan_config")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if changes:
+        config = replace(config, **changes)
+        config.validate("vqgan_config")
+    return config
+
+
+@dataclass
+class VQGANTrainResult:
+    """What a finished `train_vqgan` reports."""
+
+    run_dir: Path
+    export_path: Path
+    step: int
+    resumed_from: int | None  # step of the checkpoint the run resumed from
+    val_metrics: dict[str, float]
+    train_tiles: int
+    val_tiles: int
+    seconds: float
+    tiles_per_second: float  # training throughput of this run (all ranks together)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def _datasets(config: VQGANTrainConfig, show_progress: bool) -> tuple[Dataset, Dataset, list[str]]:
+    """Training and validation sets (and the reports' summaries)."""
+    train = open_tiles(config.data, config.tile_size, config.size_policy, show_progress=show_progress) \
+        if Path(config.data).is_dir() else open_tiles(config.data, config.tile_size, config.size_policy)
+    reports = [train.report.summary()]
+    if config.val_data is not None:
+        val_full = open_tiles(config.val_data, config.tile_size, config.size_policy)
+        reports.append(val_full.report.summary())
+        val: Dataset = Subset(val_full, list(range(min(len(val_full), config.val_max_tiles))))
+        return train, val, reports
+    n = len(train)
+    n_val = max(1, round(n * config.val_fraction))
+    if n - n_val < 1:
+        raise InputError(f"vqgan_config.val_fraction: holding out {n_val} of {n} tiles leaves none to train on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    val_idx = sorted(order[:n_val])[: config.val_max_tiles]
+    train_idx = sorted(order[n_val:])
+    return Subset(train, train_idx), Subset(train, val_idx), reports
+
+
+def random_dihedral_batch(images: torch.Tensor) -> torch.Tensor:
+    """Each tile of `images (N, C, H, W)` under its own random flip/90-degree rotation (global torch RNG,
+    so resumed runs replay it)."""
+    k = torch.randint(0, 4, (images.shape[0],))
+    flip = torch.randint(0, 2, (images.shape[0],)).bool()
+    out = torch.empty_like(images)
+    for r in range(4):
+        for f in (False, True):
+            sel = ((k == r) & (flip == f)).nonzero().flatten().to(images.device)
+            if sel.numel():
+                x = torch.rot90(images.index_select(0, sel), r, dims=(-2, -1))
+                out[sel] = torch.flip(x, dims=(-1,)) if f else x
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and samples
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: VQGAN, dataset: Dataset, device: torch.device,
+                            batch_size: int = 32) -> dict[str, float]:
+    """Mean PSNR, SSIM, MS-SSIM (dB / [0,1]) and L1 of reconstructions, plus codebook use over `dataset`."""
+    was_training = model.training
+    model.eval()
+    sums = {"psnr": 0.0, "ssim": 0.0, "ms_ssim": 0.0, "l1": 0.0}
+    counts = torch.zeros(model.config.codebook_size, dtype=torch.float64)
+    n = 0
+    for images in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        images = images.to(device)
+        latents = model.encode(images)
+        quant = model.quantize(latents)
+        recon = model.decoder(quant.quantized).clamp(-1, 1)
+        sums["psnr"] += float(psnr(recon, images, reduction="none").clamp(max=100.0).sum())
+        sums["ssim"] += float(ssim(recon, images, reduction="none").sum())
+        if ms_ssim_scales(*images.shape[-2:]) >= 1:
+            sums["ms_ssim"] += float(ms_ssim(recon, images, reduction="none").sum())
+        sums["l1"] += float((recon - images).abs().mean(dim=(1, 2, 3)).sum())
+        counts += torch.bincount(quant.indices.flatten().cpu(), minlength=counts.numel()).double()
+        n += images.shape[0]
+    model.train(was_training)
+    out = {k: v / max(n, 1) for k, v in sums.items()}
+    probs = counts / counts.sum().clamp_min(1)
+    out["perplexity"] = float(torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum()))
+    out["codebook_usage"] = float((counts > 0).double().mean())
+    return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_sample_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> Path:
+    """PNG with originals in the top row and their reconstructions below (1-px white gaps)."""
+    top, bottom = to_uint8(originals), to_uint8(reconstructions)
+    n, h, w, _ = top.shape
+    gap = 1
+    grid = np.full((2 * h + gap, n * w + (n - 1) * gap, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        x = i * (w + gap)
+        grid[:h, x:x + w] = top[i]
+        grid[h + gap:, x:x + w] = bottom[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a trained autoencoder
+
+
+def load_vqgan(path: str | Path, device: str | torch.device = "cpu") -> VQGAN:
+    """A VQ-GAN in eval mode (fp32) from an export checkpoint, or from a run folder's `vqgan.safetensors`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EXPORT_NAME
+    state, config, extra = load_checkpoint(path)
+    if extra.get("kind", "vqgan") != "vqgan":
+        raise InputError(f"{path}: is a {extra.get('kind')!r} checkpoint, not a VQ-GAN")
+    model = VQGAN.from_config_dict(config, path=f"{path}:config")
+    load_state_dict(model, state, path)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def _reset_adam_rows(optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
+    """Zero Adam's moments for re-initialised codebook rows, so stale momentum does not drag them back."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][rows] = 0.0
+
+
+def _reset_dead_codes(model: VQGAN, images: torch.Tensor, config: VQGANTrainConfig, step: int,
+                      optimizer: torch.optim.Optimizer) -> int:
+    """Re-initialise dead codes from this batch's encoder outputs on rank 0; broadcast to every rank."""
+    quantizer = model.quantizer
+    dead = (quantizer.usage_ema < config.dead_code_threshold).to(torch.uint8)
+    dist.broadcast_(dead)  # rank 0's verdict
+    count = 0
+    if dist.is_main() and bool(dead.any()):
+        with torch.no_grad():
+            latents = model.encode(images)
+        # A generator seeded by (seed, step) keeps the global RNG stream untouched by this side-task.
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        count = quantizer.reset_dead_codes(latents, config.dead_code_threshold, generator=gen)
+    dist.broadcast_(quantizer.embedding.weight.data)
+    dist.broadcast_(quantizer.usage_ema)
+    rows = dead.bool().nonzero().flatten().to(quantizer.embedding.weight.device)
+    if rows.numel():
+        _reset_adam_rows(optimizer, quantizer.embedding.weight, rows)
+    return int(dist.all_reduce_sum(torch.tensor(count, dtype=torch.float64)).item())
+
+
+def _check_resume_compatible(path: Path, config: VQGANTrainConfig) -> None:
+    saved = read_resume_header(path).get("meta", {}).get("config", {})
+    if saved.get("model") != to_dict(config.model):
+        raise InputError(f"{path}: was trained with another model config; use a new --run-dir or the same model")
+    if saved.get("loss", {}).get("discriminator") != to_dict(config.loss.discriminator):
+        raise InputError(f"{path}: was trained with another discriminator config; use a new --run-dir")
+
+
+def train_vqgan(config: VQGANTrainConfig, run_dir: str | Path, *, resume: bool = True,
+                show_progress: bool = True) -> VQGANTrainResult:
+    """Train (or resume training) a VQ-GAN on `config.data`, writing the run folder `run_dir`.
+
+    `resume=True` continues from the newest checkpoint in ``run_dir/checkpoints`` (if any). With
+    `resume=False` a folder that already has checkpoints is refused rather than overwritten.
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    info = dist.init_distributed(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, run_dir, ckpt_dir, info, resume, show_progress)
+    finally:
+        dist.cleanup()
+
+
+def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.DistInfo, resume: bool,
+           show_progress: bool) -> VQGANTrainResult:
+    device = info.device
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None and not resume:
+        raise InputError(f"{run_dir}: already holds checkpoints ({latest.name}); pass --resume to continue "
+                         "or choose a new --run-dir")
+    if latest is not None:
+        _check_resume_compatible(latest, config)
+
+    seed_everything(config.seed, info.rank)
+    train_set, val_set, reports = _datasets(config, show_progress and info.is_main)
+    sampler = dist.make_sampler(train_set, info, shuffle=True, seed=config.seed)
+    if sampler.num_samples < config.batch_size:
+        raise InputError(
+            f"vqgan_config.batch_size: {config.batch_size} is larger than the {sampler.num_samples} training "
+            f"tiles each of the {info.world_size} process(es) gets"
+        )
+    # A private generator: DataLoader otherwise draws worker seeds from the global RNG at each epoch,
+    # which would shift the RNG stream of a resumed run against an uninterrupted one.
+    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(config.seed),
+                        persistent_workers=config.num_workers > 0)
+
+    model = VQGAN(config.model).to(device)
+    disc = config.loss.discriminator.build(config.model.in_channels).to(device)
+    loss_fn = VQGANLoss(config.loss).to(device)
+    opt_g = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas)
+    ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
+    modules: dict[str, torch.nn.Module] = {"vqgan": model, "discriminator": disc}
+    if ema is not None:
+        modules["ema"] = ema_as_module(ema)
+    optimizers = {"vqgan": opt_g, "discriminator": opt_d}
+
+    state = TrainState()
+    resumed_from = None
+    if latest is not None:
+        ckpt = load_resume_checkpoint(latest, modules, optimizers)
+        state = ckpt.state
+        resumed_from = state.step
+        if "usage_ema" in ckpt.extra_tensors:
+            model.quantizer.usage_ema.copy_(ckpt.extra_tensors["usage_ema"].to(device))
+        if ckpt.world_size != info.world_size:
+            # Another process count: each rank's share of an epoch changed, so start a fresh epoch and
+            # re-seed from the step rather than replaying RNG states that belong to other ranks.
+            seed_everything(config.seed, info.rank, offset=state.step)
+            state.epoch, state.epoch_position = state.epoch + 1, 0
+
+    ddp_model = dist.wrap_ddp(model, info)
+    ddp_disc = dist.wrap_ddp(disc, info)
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resumed_from)
+    if resumed_from is None:
+        logger.log(0, {"train_tiles": len(train_set), "val_tiles": len(val_set), "world_size": info.world_size,
+                       "parameters": sum(p.numel() for p in model.parameters()),
+                       "data": "\n".join(reports)}, split="info")
+
+    sample_images = torch.stack([val_set[i] for i in range(min(config.sample_count, len(val_set)))])
+    meta = {"config": to_dict(config), "train_tiles": len(train_set), "val_tiles": len(val_set)}
+    export_path = run_dir / EXPORT_NAME
+    export_extra = {"kind": "vqgan", "tile_size": config.tile_size, "data": str(config.data)}
+
+    def eval_model() -> VQGAN:
+        return ema.averaged(model) if ema is not None else model
+
+    def checkpoint(val_metrics: dict[str, float] | None) -> None:
+        save_resume_checkpoint(ckpt_dir, state, modules, optimizers,
+                               extra_tensors={"usage_ema": model.quantizer.usage_ema}, meta=meta,
+                               keep=config.keep_checkpoints)
+        extra = {**export_extra, "step": state.step, **({"val": val_metrics} if val_metrics else {})}
+        save_export(eval_model(), export_path, to_dict(config.model), extra, dtype=config.export_dtype)
+
+    def validate() -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if info.is_main:
+            metrics = evaluate_reconstruction(eval_model(), val_set, device, batch_size=config.batch_size)
+            logger.log(state.step, metrics, split="val")
+        dist.barrier()
+        return metrics
+
+    def samples() -> None:
+        if info.is_main:
+            m = eval_model()
+            m.eval()
+            with torch.no_grad():
+                recon = m.decode(m.encode(sample_images.to(device)))
+            m.train()
+            save_sample_grid(sample_images, recon, run_dir / "samples" / f"step-{state.step:08d}.png")
+        dist.barrier()
+
+    window: dict[str, tuple[float, int]] = {}
+    window_steps = 0
+    window_start = time.perf_counter()
+    started = time.perf_counter()
+    start_step = state.step
+    val_metrics: dict[str, float] = {}
+
+    def batches():
+        epoch, position = state.epoch, state.epoch_position
+        while True:
+            sampler.set_epoch(epoch)
+            sampler.set_start(position)
+            for batch in loader:
+                position += batch.shape[0]
+                yield epoch, position, batch
+            epoch, position = epoch + 1, 0
+
+    stream = batches()
+    with TrainProgress(config.steps, state.step, "train vqgan", enabled=show_progress) as bar:
+        while state.step < config.steps:
+            epoch, position, images = next(stream)
+            images = images.to(device, non_blocking=True)
+            if config.augment:
+                images = random_dihedral_batch(images)
+
+            # Autoencoder step (discriminator frozen; it only passes gradients to the reconstructions).
+            gan_on = state.step >= config.disc_start
+            disc.requires_grad_(False)
+            recon, quant = ddp_model(images)
+            g_loss, logs = loss_fn.generator_loss(images, recon, quant, disc if gan_on else None,
+                                                  model.decoder_last_layer)
+            if not torch.isfinite(g_loss):
+                raise RunError(f"step {state.step}: the autoencoder loss is {g_loss.item()}; lower lr or check data")
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            if config.grad_clip is not None:
+                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).detach()
+            opt_g.step()
+            disc.requires_grad_(True)
+
+            # Discriminator step (hinge loss), after the warm-up.
+            if gan_on:
+                d_loss, d_logs = loss_fn.discriminator_loss(images, recon, ddp_disc)
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+                logs.update(d_logs)
+            if ema is not None:
+                ema.update(model)
+
+            state.step += 1
+            state.epoch, state.epoch_position = epoch, position
+            logs["perplexity"] = quant.perplexity.detach()
+            logs["batch_usage"] = quant.usage.detach()
+            if config.dead_code_every and state.step % config.dead_code_every == 0:
+                logs["dead_codes_reset"] = torch.tensor(
+                    float(_reset_dead_codes(model, images, config, state.step, opt_g)))
+            for k, v in logs.items():
+                total, count = window.get(k, (0.0, 0))
+                window[k] = (total + float(v), count + 1)
+            window_steps += 1
+
+            if state.step % config.log_every == 0 or state.step == config.steps:
+                elapsed = time.perf_counter() - window_start
+                # Each term averaged over the steps that had it (GAN terms start mid-window), then over ranks.
+                means = {k: float(dist.all_reduce_mean(t / c)) for k, (t, c) in sorted(window.items())}
+                if "dead_codes_reset" in means:  # a count, not a rate: the sum over the window
+                    means["dead_codes_reset"] = window["dead_codes_reset"][0]
+                means["codebook_usage"] = float((model.quantizer.usage_ema >= config.dead_code_threshold)
+                                                .float().mean())
+                means["tiles_per_s"] = window_steps * config.batch_size * info.world_size / max(elapsed, 1e-9)
+                means["epoch"] = epoch
+                means["lr"] = opt_g.param_groups[0]["lr"]
+                logger.log(state.step, means)
+                bar.update(state.step, loss=means["loss"], l1=means["l1"], ppl=means["perplexity"])
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+            else:
+                bar.update(state.step)
+
+            last = state.step == config.steps
+            if state.step % config.val_every == 0 or last:
+                val_metrics = validate()
+            if state.step % config.sample_every == 0 or last:
+                samples()
+            if state.step % config.ckpt_every == 0 or last:
+                checkpoint(val_metrics if state.step % config.val_every == 0 or last else None)
+
+    if resumed_from is not None and resumed_from >= config.steps and not export_path.exists():
+        # Nothing left to train, but the export must exist (rank 0 writes it).
+        save_export(eval_model(), export_path, to_dict(config.model), {**export_extra, "step": state.step},
+                    dtype=config.export_dtype)
+    seconds = time.perf_counter() - started
+    trained = state.step - start_step
+    return VQGANTrainResult(
+        run_dir=run_dir,
+        export_path=export_path,
+        step=state.step,
+        resumed_from=resumed_from,
+        val_metrics=val_metrics,
+        train_tiles=len(train_set),
+        val_tiles=len(val_set),
+        seconds=seconds,
+        tiles_per_second=trained * config.batch_size * info.world_size / max(seconds, 1e-9),
+    )
