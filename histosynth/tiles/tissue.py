@@ -23,8 +23,8 @@ from scipy import ndimage
 TissueMethod = Literal["saturation", "od"]
 
 # Allowed threshold range per method (see module docstring). Glass scans at saturation < 0.04 and
-# OD < 0.05; the palest eosin at saturation > 0.15 and OD > 0.2.
-CLIP: dict[str, tuple[float, float]] = {"saturation": (0.04, 0.15), "od": (0.05, 0.2)}
+# OD < 0.05; pale eosin and cytoplasm at saturation > 0.15 and OD > 0.12.
+CLIP: dict[str, tuple[float, float]] = {"saturation": (0.04, 0.15), "od": (0.05, 0.12)}
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -54,8 +54,11 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     mean0 = sum0 / np.maximum(weight0, 1)
     mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
     between = weight0 * weight1 * (mean0 - mean1) ** 2
-    # The cut lies between bin i and i+1: everything up to bin i is class 0.
-    return float(edges[int(np.argmax(between[:-1])) + 1])
+    # The cut after bin i puts bins 0..i in class 0. Empty bins in the valley give equal scores; take the
+    # middle of that plateau rather than its first bin, which hugs the lower class.
+    between = between[:-1]
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float((edges[best[0] + 1] + edges[best[-1] + 1]) / 2)
 
 
 def _disk(radius: int) -> np.ndarray:
