@@ -1,7 +1,108 @@
-"""`histosynth train` (being written)."""
+"""`histosynth train ...`: one small command function per training stage, registered in `COMMANDS`.
+
+Every command parses options, calls one library function and prints a short summary with rich (on rank 0
+only when started by ``torchrun``). To add a stage, write ``<stage>_command`` here and append
+``("<stage>", <stage>_command)`` to `COMMANDS` (kept in data-flow order: that is `--help`'s order).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
 
 import typer
+import yaml
+from rich.table import Table
+
+from histosynth.cli.common import console, handle_errors
+from histosynth.configio import to_dict
+from histosynth.runtime.checkpointing import latest_checkpoint, read_resume_header
+
+
+def _rank0() -> bool:
+    """True unless this process is a non-zero rank of a torchrun job (those print nothing)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@handle_errors
+def vqgan_command(
+    config: Path = typer.Option(..., "--config", "-c", help="VQ-GAN training config YAML (see configs/vqgan-pcam.yaml)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: checkpoints, metrics.jsonl, samples, vqgan.safetensors."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Continue from the newest checkpoint in --run-dir (--no-resume refuses a used folder)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Train up to this many steps (overrides the config)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (overrides the config)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and what would happen; train nothing."),
+) -> None:
+    """Train the VQ-GAN autoencoder (stage 1). Runs unchanged under `torchrun --nproc_per_node N`."""
+    from histosynth.autoencoder.train import load_train_config, train_vqgan
+
+    cfg = load_train_config(config, steps=steps, seed=seed, device=device)
+    if dry_run:
+        latest = latest_checkpoint(run_dir / "checkpoints")
+        console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False), highlight=False)
+        if latest is not None and resume:
+            step = read_resume_header(latest)["state"]["step"]
+            console.print(f"would resume {run_dir} from step {step} and train to step {cfg.steps}; nothing written")
+        else:
+            console.print(f"would train a new VQ-GAN in {run_dir} for {cfg.steps} steps; nothing written")
+        return
+    result = train_vqgan(cfg, run_dir, resume=resume)
+    if not _rank0():
+        return
+    table = Table(title=f"VQ-GAN {result.run_dir} (step {result.step})")
+    table.add_column("metric")
+    table.add_column("held-out value")
+    for name, value in result.val_metrics.items():
+        table.add_row(name, f"{value:.4g}")
+    console.print(table)
+    start = f"resumed from step {result.resumed_from}; " if result.resumed_from is not None else ""
+    console.print(
+        f"{start}{result.train_tiles} training / {result.val_tiles} held-out tiles; "
+        f"{result.seconds:.1f} s ({result.tiles_per_second:.1f} tiles/s); export: {result.export_path}"
+    )
+
+
+@handle_errors
+def encode_command(
+    vqgan: Path = typer.Option(..., "--vqgan", help="vqgan.safetensors, or the run folder of `train vqgan`."),
+    data: Path = typer.Option(..., "--data", help="Folder of tiles (recursive) or an (N, H, W, 3) uint8 .npy."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache folder: latents.npy, index.csv, latents.json."),
+    tile_size: Optional[int] = typer.Option(None, "--tile-size", min=1, help="Default: the VQ-GAN's training tile size."),
+    size_policy: str = typer.Option("error", "--size-policy", help="Tiles of another size: error | crop | resize."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Tiles per encoder batch."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    dihedral: bool = typer.Option(False, "--dihedral",
+                                  help="Also encode the 7 other flips/rotations of every tile (8 rows per tile)."),
+    num_workers: int = typer.Option(0, "--num-workers", min=0, help="DataLoader worker processes."),
+) -> None:
+    """Encode tiles once with a trained VQ-GAN into a latent cache (resumable) for diffusion training."""
+    from histosynth.autoencoder.latents import encode_tiles
+
+    cache = encode_tiles(vqgan, data, out, tile_size=tile_size, size_policy=size_policy, batch_size=batch_size,
+                         device=device, dihedral=dihedral, num_workers=num_workers)
+    console.print(
+        f"{cache.directory}: {len(cache)} latents of shape {cache.shape} (float16); "
+        f"mean {cache.meta['mean']:.4g}, std {cache.meta['std']:.4g}, latent_scale {cache.latent_scale:.4g}"
+    )
+
+
+# (name, command) in data-flow order; later stages append theirs here.
+COMMANDS: list[tuple[str, Callable[..., None]]] = [
+    ("vqgan", vqgan_command),
+    ("encode", encode_command),
+]
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add the `train` sub-command group with every command in `COMMANDS`."""
+    train_app = typer.Typer(
+        name="train",
+        help="Train the model stage by stage on your own tiles (Rumman et al. 2025).",
+        no_args_is_help=True,
+    )
+    for name, command in COMMANDS:
+        train_app.command(name)(command)
+    app.add_typer(train_app, name="train")
