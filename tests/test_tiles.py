@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from histosynth.cli import tile as tile_cli
-from histosynth.errors import InputError, RunError
+from histosynth.errors import InputError
 from histosynth.tiles.dataset import TileArray, TileFolder, open_tiles, random_dihedral
 from histosynth.tiles.slides import choose_level, open_slide
 from histosynth.tiles.tiler import TileConfig, tile_sources
@@ -208,7 +208,8 @@ def test_bad_sources_are_skipped_and_the_run_goes_on(svs: Path, shared_data: Pat
     assert not list(out.rglob("*.tmp"))
 
     # Without a scale for plain images, a target mpp skips them with a reason naming the option.
-    report2 = tile_sources([shared_data / "he-images"], tmp_path / "o2", TileConfig(target_mpp=1.0), show_progress=False)
+    he_images = shared_data / "he-images"
+    report2 = tile_sources([he_images], tmp_path / "o2", TileConfig(target_mpp=1.0), show_progress=False)
     assert all(s.status == "skipped" and "--source-mpp" in s.reason for s in report2.sources)
 
     with pytest.raises(InputError, match="--overwrite"):
@@ -331,7 +332,8 @@ def test_tile_command_exit_codes(svs: Path, tmp_path: Path) -> None:
 
     result = runner.invoke(app, ["tile", str(svs), "--out", str(out)])
     assert result.exit_code == 2 and "--overwrite" in result.output
-    result = runner.invoke(app, ["tile", str(svs), "--out", str(tmp_path / "o2"), "--mpp", "1", "--magnification", "20"])
+    both = ["--mpp", "1", "--magnification", "20"]
+    result = runner.invoke(app, ["tile", str(svs), "--out", str(tmp_path / "o2"), *both])
     assert result.exit_code == 2
     result = runner.invoke(app, ["tile", str(fake), "--out", str(tmp_path / "o3")])
     assert result.exit_code == 1 and "no tiles written" in result.output

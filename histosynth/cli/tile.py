@@ -19,7 +19,9 @@ def tile_command(
     sources: List[Path] = typer.Argument(..., help="Slides (SVS, pyramidal TIFF), images, or folders of them."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <source>/<tile> files and tiles.csv."),
     tile_size: int = typer.Option(128, "--tile-size", min=1, help="Tile side in pixels."),
-    stride: Optional[int] = typer.Option(None, min=1, help="Step between tiles in output pixels (default: the tile size, no overlap)."),
+    stride: Optional[int] = typer.Option(
+        None, min=1, help="Step between tiles in output pixels (default: the tile size, no overlap)."
+    ),
     mpp: Optional[float] = typer.Option(None, "--mpp", help="Target microns per pixel (e.g. 0.5)."),
     magnification: Optional[float] = typer.Option(None, "--magnification", help="Target magnification (e.g. 20)."),
     source_mpp: Optional[float] = typer.Option(

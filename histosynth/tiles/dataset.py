@@ -277,7 +277,7 @@ class TileFolder(Dataset):
             with Image.open(path) as img:
                 image = img.convert("RGB")
         except OSError as e:
-            raise RunError(f"{path}: could not be read any more ({e}); it changed after the dataset was checked") from None
+            raise RunError(f"{path}: unreadable now ({e}); it changed after the dataset was checked") from None
         tensor = _to_tensor(_fit(image, self.tile_size, self.size_policy, str(path)))
         return self.transform(tensor) if self.transform else tensor
 

@@ -125,8 +125,10 @@ class _Reader:
         self.width, self.height, self._read_rows = width, height, read_rows
 
     def reduced(self, factor: int) -> np.ndarray:
-        # Bands are a multiple of `factor` rows so every box lies inside one band.
-        band = factor * max(1, 1024 // factor)
+        # Bands are a multiple of `factor` rows so every box lies inside one band, and hold about 64 MB
+        # (a full-width band of a 100k-pixel-wide level is ~200 rows).
+        rows = max(1, min(1024, (64 * 2**20) // (3 * self.width)))
+        band = factor * max(1, rows // factor)
         parts = []
         for y in range(0, self.height, band):
             rows = self._read_rows(y, min(band, self.height - y))
@@ -324,7 +326,13 @@ class ImageSlide(Slide):
         try:
             with Image.open(path) as img:
                 img.load()
-                rgb = img.convert("RGB")
+                if "A" in img.getbands() or "transparency" in img.info:
+                    # Transparent areas become glass (white), not black, which would read as dense tissue.
+                    rgba = img.convert("RGBA")
+                    rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+                    rgb = rgb.convert("RGB")
+                else:
+                    rgb = img.convert("RGB")
         except Image.DecompressionBombError as e:
             raise InputError(f"{path}: {e}; store very large images as pyramidal TIFF") from None
         except UnidentifiedImageError:

@@ -73,7 +73,8 @@ class TileConfig:
         )
         for name in ("target_mpp", "magnification", "source_mpp"):
             value = getattr(self, name)
-            require(value is None or (value > 0 and math.isfinite(value)), f"{path}.{name}", f"must be positive, got {value}")
+            ok = value is None or (value > 0 and math.isfinite(value))
+            require(ok, f"{path}.{name}", f"must be positive, got {value}")
         require(
             0.0 <= self.min_tissue_fraction <= 1.0,
             f"{path}.min_tissue_fraction",
@@ -254,7 +255,9 @@ def tile_sources(
     csv_path = out / CSV_NAME
     if csv_path.exists():
         if not config.overwrite:
-            raise InputError(f"--out: {out} already holds {CSV_NAME} from an earlier run; pass --overwrite or use another folder")
+            raise InputError(
+                f"--out: {out} already holds {CSV_NAME} from an earlier run; pass --overwrite or use another folder"
+            )
         _remove_previous(out, csv_path)
     out.mkdir(parents=True, exist_ok=True)
 
