@@ -117,6 +117,15 @@ def test_screen_dpi_is_not_a_scale(tmp_path: Path) -> None:
         assert slide.mpp == 0.25 and slide.mpp_source == "assumed"
 
 
+def test_transparent_image_areas_are_glass(tmp_path: Path) -> None:
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[10:20, 10:20] = (200, 50, 120, 255)
+    Image.fromarray(rgba).save(tmp_path / "cutout.png")
+    with open_slide(tmp_path / "cutout.png") as slide:
+        region = slide.read_region(0, 0, 0, 40, 40)
+    assert region[0, 0].tolist() == [255, 255, 255] and region[15, 15].tolist() == [200, 50, 120]
+
+
 # -- tissue ------------------------------------------------------------------------------------------------
 
 
