@@ -36,6 +36,7 @@ from histosynth.bundle.manifest import (
     ClassEntry,
     Manifest,
     Provenance,
+    manifest_from_dict,
     write_manifest,
 )
 from histosynth.bundle.modules import BundleDecoder
@@ -186,7 +187,8 @@ def export_bundle(
         vqgan=to_dict(vq_config),
         created_with=histosynth.__version__,
     )
-    manifest.validate("manifest")  # class names and shapes, before any slow work
+    # Round trip through the parser: every nested check (class names, shapes) runs before any slow work.
+    manifest = manifest_from_dict(to_dict(manifest))
 
     unet_cpu = _cpu_copy(unet)
     decoder_cpu = BundleDecoder(_cpu_copy(latent_decoder), latent_scale).eval()

@@ -5,11 +5,15 @@
 
 The weights are random but not degenerate (zero-initialised output layers are perturbed), so images and
 UNet outputs differ between classes and seeds; the bundle goes through the real exporter, ONNX parity
-check included.
+check included. Each distinct bundle is exported once per process and copied for later calls (an export
+traces two networks, seconds on a busy 2-core CI machine); every caller gets its own copy to damage.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +23,9 @@ from histosynth.bundle.export import export_bundle
 from histosynth.bundle.manifest import Provenance
 from histosynth.diffusion.schedule import ScheduleConfig
 from histosynth.diffusion.unet import UNet, UNetConfig
+
+_CACHE: dict[tuple, Path] = {}
+_CACHE_ROOT: Path | None = None
 
 TISSUE_NAMES = ("tumour", "stroma", "lymphocytes", "necrosis", "fat", "mucosa", "debris", "muscle")
 
@@ -33,7 +40,7 @@ def tiny_unet_config(num_classes: int, latent_channels: int = 3) -> UNetConfig:
     """A two-level UNet with attention at the lower level and a few tens of thousands of parameters."""
     return UNetConfig(in_channels=latent_channels, out_channels=latent_channels, base_channels=16,
                       channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-                      num_classes=num_classes, dropout=0.0)
+                      num_classes=num_classes, dropout=0.0, norm_groups=8)
 
 
 def tiny_networks(num_classes: int = 3, seed: int = 0) -> tuple[VQGAN, UNet]:
@@ -62,10 +69,21 @@ def tiny_bundle(
     prediction: str = "epsilon",
 ) -> Path:
     """Export a tiny bundle to ``tmp_path / name`` and return its folder (classes from `TISSUE_NAMES`)."""
+    global _CACHE_ROOT
+    key = (num_classes, tile_size, seed, prediction)
+    if key not in _CACHE:
+        if _CACHE_ROOT is None:
+            _CACHE_ROOT = Path(tempfile.mkdtemp(prefix="histosynth-tiny-bundles-"))
+            atexit.register(shutil.rmtree, _CACHE_ROOT, True)
+        _CACHE[key] = _export_tiny(_CACHE_ROOT / f"b{len(_CACHE)}", num_classes, tile_size, seed, prediction)
+    return Path(shutil.copytree(_CACHE[key], Path(tmp_path) / name))
+
+
+def _export_tiny(out: Path, num_classes: int, tile_size: int, seed: int, prediction: str) -> Path:
     vqgan, unet = tiny_networks(num_classes, seed)
     names = [TISSUE_NAMES[i] if i < len(TISSUE_NAMES) else f"class{i}" for i in range(num_classes)]
     report = export_bundle(
-        vqgan, unet, Path(tmp_path) / name,
+        vqgan, unet, out,
         class_names=names,
         schedule_config=ScheduleConfig(prediction=prediction),  # type: ignore[arg-type]
         latent_scale=0.8,

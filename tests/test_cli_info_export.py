@@ -1,0 +1,100 @@
+"""`histosynth info` and `histosynth export` through Typer's CliRunner: output and exit codes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from histosynth.bundle.store import load_bundle
+from histosynth.bundle.testing import tiny_bundle, tiny_networks
+from histosynth.cli.app import app
+from histosynth.configio import to_dict
+from histosynth.runtime.weights import save_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_bundle(tmp_path_factory.mktemp("b"), num_classes=2, tile_size=32)
+
+
+@pytest.fixture
+def checkpoints(tmp_path: Path) -> dict[str, Path]:
+    vqgan, unet = tiny_networks(2)
+    paths = {
+        "vqgan": save_checkpoint(vqgan, tmp_path / "vqgan.safetensors", to_dict(vqgan.config),
+                                 {"kind": "vqgan", "tile_size": 32}),
+        "unet": save_checkpoint(unet, tmp_path / "unet.safetensors", to_dict(unet.config),
+                                {"kind": "unet", "latent_scale": 0.7, "step": 5}),
+        "labels": tmp_path / "labels.yaml",
+    }
+    paths["labels"].write_text(yaml.safe_dump({"classes": [{"id": 0, "name": "tumour"}, {"id": 1, "name": "stroma"}]}))
+    return paths
+
+
+def test_info_without_bundle_shows_versions_and_active_providers() -> None:
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())  # rich wraps long cells
+    assert torch.__version__ in out and "onnxruntime" in out
+    assert "providers (active)" in out and "CPUExecutionProvider" in out
+
+
+def test_info_describes_a_bundle(bundle_dir: Path) -> None:
+    result = runner.invoke(app, ["info", str(bundle_dir)])
+    assert result.exit_code == 0, result.output
+    for text in ("tumour", "stroma", "32 px", "0.5", "unet.onnx", "decoder.safetensors", load_bundle(bundle_dir).hash):
+        assert text in result.output
+    assert result.output.count("OK") >= 4 and "FAILED" not in result.output
+
+
+def test_info_flags_a_damaged_file(bundle_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(bundle_dir, tmp_path / "copy"))
+    with (copy / "unet.onnx").open("ab") as f:
+        f.write(b"\0")
+    (copy / "decoder.onnx").unlink()
+    result = runner.invoke(app, ["info", str(copy)])
+    assert result.exit_code == 2
+    assert "FAILED (altered)" in result.output and "FAILED (missing)" in result.output
+    assert result.output.count("OK") == 2
+
+
+def test_info_on_a_missing_bundle_is_an_input_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["info", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "not a folder" in " ".join(result.output.split())
+
+
+def test_export_command_writes_a_loadable_bundle(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    args = ["export", "--vqgan", str(checkpoints["vqgan"]), "--unet", str(checkpoints["unet"]),
+            "--labels", str(checkpoints["labels"]), "--out", str(out), "--mpp", "0.25", "--data", "test tiles"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "ONNX Runtime vs torch" in result.output and "manifest.json" in result.output
+    m = load_bundle(out).manifest
+    assert m.class_names == ["tumour", "stroma"] and m.microns_per_pixel == 0.25 and m.latent_scale == 0.7
+    assert m.provenance.data == "test tiles" and m.provenance.steps == {"ldm": 5}
+    # Again into the same folder: refused without --overwrite (exit 2); replacing is tested in test_bundle.py.
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+def test_export_command_input_errors(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    base = ["export", "--vqgan", str(checkpoints["vqgan"]), "--unet", str(checkpoints["unet"]),
+            "--out", str(tmp_path / "b")]
+    bad_labels = tmp_path / "bad.yaml"
+    bad_labels.write_text(yaml.safe_dump({"classes": [{"id": 0, "name": "a"}, {"id": 0, "name": "b"}]}))
+    result = runner.invoke(app, base + ["--labels", str(bad_labels)])
+    assert result.exit_code == 2 and "ids must be 0..1" in " ".join(result.output.split())
+    pickled = tmp_path / "vqgan.pt"
+    torch.save({"w": torch.zeros(1)}, pickled)
+    result = runner.invoke(app, ["export", "--vqgan", str(pickled), "--unet", str(checkpoints["unet"]),
+                                 "--labels", str(checkpoints["labels"]), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "never unpickles" in " ".join(result.output.split())
+    assert not (tmp_path / "b").exists()
