@@ -141,7 +141,7 @@ def export_bundle(
     """
     start = time.perf_counter()
     stage = on_stage or (lambda _msg: None)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # absolute, so the temporary sibling folder is well defined even for "."
     _check_target(out, overwrite)
 
     latent_decoder = vqgan.latent_decoder() if isinstance(vqgan, VQGAN) else vqgan
