@@ -1,0 +1,478 @@
+"""Choosing K: cluster the tile features for every K in a range, score each partition, vote, write it all.
+
+`search_k` fits, for each K in `k_min..k_max`, an IMC head (best of `seeds` restarts by the IM objective)
+and a k-means baseline on the same standardised features, and fills a validity table (one row per method
+and K). `choose_k` applies the rule; the default is a **majority vote of the paper's five indices**
+(Calinski-Harabasz max, C-index min, Dunn max, Hartigan largest drop, McClain-Rao min): each index votes
+for one K, the K with the most votes wins, ties go to the smaller K. `run_cluster` is what `histosynth
+cluster` calls: latent cache in, the cluster folder out (see `write_cluster_outputs` for its files).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from sklearn.cluster import KMeans
+
+from histosynth.clusters.features import FeatureScaler, latent_features
+from histosynth.clusters.imc import IMCConfig, IMCHead, im_loss, train_imc
+from histosynth.clusters.validity import (
+    ALL_INDICES, DIRECTION, HARTIGAN_THRESHOLD, PAPER_INDICES, compute_indices, hartigan, pick_k, within_ss,
+)
+from histosynth.configio import require, to_dict
+from histosynth.errors import InputError, RunError
+
+CLUSTER_FORMAT = "histosynth-clusters/1"
+RULES = ("majority",) + ALL_INDICES + ("hartigan_threshold",)
+Progress = Callable[[int, int, str], None]  # (done, total, what is running now)
+
+
+@dataclass
+class ClusterSearchConfig:
+    """Settings of the search over K (`histosynth cluster`)."""
+
+    k_min: int = 2  # smallest K tried
+    k_max: int = 10  # largest K tried
+    method: Literal["imc", "kmeans"] = "imc"  # whose partition is kept and whose table chooses K
+    compare_kmeans: bool = True  # with method imc, also score k-means on the same features (the baseline)
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # IMC restarts (lowest IM objective kept); k-means seeds
+    rule: str = "majority"  # majority | an index name | hartigan_threshold (see validity.py)
+    max_points: int = 2000  # subsample size for the O(N^2) indices (C-index, Dunn, McClain-Rao, silhouette)
+    imc: IMCConfig = field(default_factory=IMCConfig)
+
+    def validate(self, path: str) -> None:
+        """Cross-field checks for configio."""
+        require(self.k_min >= 2, f"{path}.k_min", f"must be at least 2, got {self.k_min}")
+        require(self.k_max >= self.k_min, f"{path}.k_max", f"must be >= k_min ({self.k_min}), got {self.k_max}")
+        require(len(self.seeds) >= 1, f"{path}.seeds", "needs at least one seed")
+        require(self.rule in RULES, f"{path}.rule", f"unknown value {self.rule!r}; allowed: {', '.join(RULES)}")
+        require(self.max_points >= 10, f"{path}.max_points", "must be at least 10")
+        self.imc.validate(f"{path}.imc")
+
+
+@dataclass
+class KChoice:
+    """The chosen K, the rule in words, and each index's own pick."""
+
+    k: int
+    rule: str
+    votes: dict[str, int | None]
+
+
+@dataclass
+class ClusterSearch:
+    """Everything `search_k` found: the table, the choice, and every partition it scored."""
+
+    config: ClusterSearchConfig
+    table: list[dict[str, Any]]  # rows: method, k, clusters_used, every index, wss, hartigan_drop
+    choice: KChoice
+    labels: dict[tuple[str, int], np.ndarray]  # (method, K) -> cluster id per tile
+    heads: dict[int, IMCHead]  # K -> IMC head (method imc)
+    centres: dict[int, np.ndarray]  # K -> k-means centres
+
+    @property
+    def k(self) -> int:
+        """The chosen K."""
+        return self.choice.k
+
+
+def _fit_imc(x: torch.Tensor, k: int, config: ClusterSearchConfig) -> tuple[IMCHead, np.ndarray]:
+    best, best_obj = None, math.inf
+    for seed in config.seeds:
+        head = train_imc(x, k, config.imc, seed=seed)
+        with torch.no_grad():
+            objective = float(im_loss(head(x), config.imc.mu)[0])  # on every tile, no augmentation
+        if objective < best_obj:
+            best, best_obj = head, objective
+    assert best is not None
+    return best, best.assign(x).numpy()
+
+
+def _fit_kmeans(x: np.ndarray, k: int, config: ClusterSearchConfig) -> tuple[np.ndarray, np.ndarray]:
+    km = KMeans(n_clusters=k, n_init=max(4, len(config.seeds)), random_state=config.seeds[0]).fit(x)
+    return km.cluster_centers_, km.labels_.astype(np.int64)
+
+
+def search_k(features: torch.Tensor | np.ndarray, config: ClusterSearchConfig | None = None,
+             on_progress: Progress | None = None) -> ClusterSearch:
+    """Cluster standardised features `(N, D)` for each K in range, score every partition, choose K."""
+    config = config or ClusterSearchConfig()
+    config.validate("cluster")
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    if x.ndim != 2:
+        raise InputError(f"features: expected shape (N, D), got {tuple(x.shape)}")
+    n = len(x)
+    # Hartigan's H(K) compares K with K+1 and its drop H(K-1) - H(K) needs K-1: fit one K more on each side.
+    k_fit = list(range(max(2, config.k_min - 1), config.k_max + 2))
+    if n < config.k_max + 2:
+        raise InputError(f"k_max: {config.k_max} needs at least {config.k_max + 2} tiles, got {n}")
+    methods = ["imc", "kmeans"] if config.method == "imc" and config.compare_kmeans else [config.method]
+    xn = x.numpy().astype(np.float64)
+    total, done = len(methods) * len(k_fit), 0
+    labels: dict[tuple[str, int], np.ndarray] = {}
+    heads: dict[int, IMCHead] = {}
+    centres: dict[int, np.ndarray] = {}
+    for method in methods:
+        for k in k_fit:
+            if on_progress:
+                on_progress(done, total, f"{method} K={k}")
+            if method == "imc":
+                heads[k], labels[(method, k)] = _fit_imc(x, k, config)
+            else:
+                centres[k], labels[(method, k)] = _fit_kmeans(xn, k, config)
+            done += 1
+    if on_progress:
+        on_progress(done, total, "validity indices")
+    table = []
+    for method in methods:
+        wss = {1: within_ss(xn, np.zeros(n, dtype=np.int64))}
+        wss.update({k: within_ss(xn, labels[(method, k)]) for k in k_fit})
+        h = {k: hartigan(wss[k], wss[k + 1], n, k) for k in wss if k + 1 in wss}
+        for k in range(config.k_min, config.k_max + 1):
+            lab = labels[(method, k)]
+            used = len(np.unique(lab))
+            row: dict[str, Any] = {"method": method, "k": k, "clusters_used": used}
+            if used >= 2:
+                row.update(compute_indices(xn, lab, config.max_points, seed=config.seeds[0]))
+            else:  # a collapsed head: nothing to score
+                row.update({name: math.nan for name in ALL_INDICES if name != "hartigan"} | {"wss": wss[k]})
+            row["hartigan"] = h[k]
+            row["hartigan_drop"] = h[k - 1] - h[k]
+            table.append(row)
+    choice = choose_k([r for r in table if r["method"] == config.method], config.rule)
+    return ClusterSearch(config, table, choice, labels, heads, centres)
+
+
+def choose_k(table: Sequence[dict[str, Any]], rule: str = "majority") -> KChoice:
+    """Choose K from one method's validity rows; `rule` is "majority", an index name or "hartigan_threshold".
+
+    majority: each of the paper's five indices votes for the K its own rule picks (validity.py); the K with
+    the most votes wins; ties go to the smaller K.
+    """
+    if rule not in RULES:
+        raise InputError(f"rule: unknown value {rule!r}; allowed: {', '.join(RULES)}")
+    rows = sorted(table, key=lambda r: r["k"])
+    if not rows:
+        raise InputError("choose_k: the validity table is empty")
+    ks = [int(r["k"]) for r in rows]
+
+    def pick(index: str) -> int | None:
+        if index == "hartigan_threshold":
+            return pick_k(ks, [r["hartigan"] for r in rows], index)
+        drops = [r["hartigan_drop"] for r in rows] if index == "hartigan" else None
+        return pick_k(ks, [r.get(index, math.nan) for r in rows], index, drops)
+
+    if rule != "majority":
+        k = pick(rule)
+        if k is None:
+            raise RunError(f"rule {rule}: the index is undefined for every K; choose another --rule")
+        return KChoice(k, f"{rule}: {_rule_text(rule)}", {rule: k})
+    votes = {index: pick(index) for index in PAPER_INDICES}
+    counts: dict[int, int] = {}
+    for k in votes.values():
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    if not counts:
+        raise RunError("majority: every index is undefined for every K")
+    best = min(counts, key=lambda k: (-counts[k], k))
+    tally = ", ".join(f"{name} -> {k}" for name, k in votes.items())
+    return KChoice(best, f"majority vote of the five paper indices, ties to the smaller K "
+                         f"({counts[best]}/{len(votes)} votes for K={best}; {tally})", votes)
+
+
+def _rule_text(index: str) -> str:
+    if index == "hartigan_threshold":
+        return f"smallest K with H(K) <= {HARTIGAN_THRESHOLD:g}"
+    if DIRECTION[index] == "drop":
+        return "K with the largest drop H(K-1) - H(K)"
+    return f"K with the {'maximum' if DIRECTION[index] == 'max' else 'minimum'}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs: the latent cache (or a feature matrix) and its tile index
+
+
+def read_index(path: Path) -> list[str]:
+    """Tile keys, one per latent row, from a CSV (column tile, key, path or file) or a JSON list."""
+    if not path.is_file():
+        raise InputError(f"index: file not found: {path}")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON: {e}") from None
+        if isinstance(data, dict):
+            data = data.get("tiles", data.get("paths"))
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise InputError(f"{path}: expected a JSON list of tile paths, or {{\"tiles\": [...]}}")
+        return data
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        column = next((c for c in ("tile", "key", "path", "file") if c in columns), None)
+        if column is None:
+            raise InputError(f"{path}: needs a column tile, key, path or file; has {', '.join(columns) or 'none'}")
+        return [row[column] for row in reader]
+
+
+def load_inputs(latents: Path, index: Path | None = None) -> tuple[np.ndarray, list[str]]:
+    """The latent array `(N, C, h, w)` or feature array `(N, D)` and the tile key of each row.
+
+    `latents` is a `.npy` file or a latent-cache folder holding `latents.npy` and `index.csv` (or
+    `index.json`); `index` overrides the index file.
+    """
+    latents = Path(latents)
+    if latents.is_dir():
+        folder = latents
+        latents = folder / "latents.npy"
+        if index is None:
+            index = next((folder / n for n in ("index.csv", "index.json") if (folder / n).is_file()), None)
+    if not latents.is_file():
+        raise InputError(f"--latents: file not found: {latents}")
+    if index is None:
+        raise InputError(f"--index: required (no index.csv or index.json beside {latents})")
+    try:
+        array = np.load(latents, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise InputError(f"--latents: {latents} is not a plain .npy array: {e}") from None
+    if array.ndim not in (2, 4):
+        raise InputError(f"--latents: expected latents (N, C, h, w) or features (N, D), got shape {array.shape}")
+    keys = read_index(Path(index))
+    if len(keys) != len(array):
+        raise InputError(f"--index: {len(keys)} tiles but {len(array)} rows in {latents.name}")
+    return array, keys
+
+
+def features_from_array(array: np.ndarray, batch: int = 4096) -> tuple[torch.Tensor, int | None]:
+    """Raw features of latents `(N, C, h, w)` (batched, for memory-mapped caches) or features `(N, D)` as is.
+
+    Returns the features and the latent channel count (None when features were given).
+    """
+    if array.ndim == 2:
+        return torch.from_numpy(np.array(array, dtype=np.float32)), None
+    parts = [latent_features(torch.from_numpy(np.array(array[i : i + batch], dtype=np.float32)))
+             for i in range(0, len(array), batch)]
+    return torch.cat(parts), int(array.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN/inf
+    if isinstance(v, (np.floating, np.integer)):
+        return _finite(v.item())
+    return v
+
+
+def write_cluster_outputs(out_dir: Path, search: ClusterSearch, tiles: Sequence[str], features: torch.Tensor,
+                          scaler: FeatureScaler, channels: int | None, source: dict[str, Any]) -> dict[str, Any]:
+    """Write the cluster folder and return the contents of its `cluster.json`.
+
+    Files: `assignments.csv` (tile, cluster, probability, distance to the cluster's mean feature),
+    `validity.csv` / `validity.json` (the table, the choice and the rule), `validity.png` (each index vs K),
+    `cluster.json` (chosen K, rule, sizes, scaler, config), and `imc_head.safetensors` + `.json`
+    (the chosen head, carrying the feature scaler) or `kmeans_centres.npy`.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    k, method = search.k, search.config.method
+    x = features.float()
+    if method == "imc":
+        head = search.heads[k]
+        head.set_scaler(scaler) if channels is not None else None
+        probs = head.probs(x)
+        labels = probs.argmax(dim=1).numpy()
+        prob = probs.max(dim=1).values.numpy()
+        head.save(out_dir / "imc_head.safetensors", search.config.imc)
+    else:
+        labels = search.labels[("kmeans", k)]
+        centres = search.centres[k]
+        # Soft assignment for k-means: softmax of negative squared distances (a confidence, not calibrated).
+        d2 = torch.cdist(x.double(), torch.from_numpy(centres)) ** 2
+        prob = torch.softmax(-d2, dim=1).max(dim=1).values.numpy()
+        np.save(out_dir / "kmeans_centres.npy", centres.astype(np.float32), allow_pickle=False)
+    xn = x.numpy()
+    distance = np.zeros(len(xn))
+    sizes = {}
+    for c in range(k):
+        members = labels == c
+        sizes[c] = int(members.sum())
+        if members.any():
+            distance[members] = np.linalg.norm(xn[members] - xn[members].mean(axis=0), axis=1)
+    with open(out_dir / "assignments.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["tile", "cluster", "probability", "distance"])
+        for tile, c, p, d in zip(tiles, labels, prob, distance):
+            w.writerow([tile, int(c), f"{float(p):.6f}", f"{float(d):.6f}"])
+    columns = ["method", "k", "clusters_used", *ALL_INDICES, "hartigan_drop", "wss"]
+    with open(out_dir / "validity.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for row in search.table:
+            w.writerow([_fmt(row.get(c)) for c in columns])
+    choice = {"k": k, "method": method, "rule": search.choice.rule, "votes": search.choice.votes}
+    validity = {"choice": choice, "directions": DIRECTION,
+                "table": [{c: _finite(row.get(c)) for c in columns} for row in search.table]}
+    (out_dir / "validity.json").write_text(json.dumps(validity, indent=2), encoding="utf-8")
+    plot_validity(search.table, k, out_dir / "validity.png")
+    summary = {
+        "format": CLUSTER_FORMAT,
+        "k": k,
+        "method": method,
+        "rule": search.choice.rule,
+        "votes": search.choice.votes,
+        "num_tiles": len(tiles),
+        "sizes": sizes,
+        "features": {"kind": "latent_features" if channels is not None else "given", "channels": channels,
+                     "dim": int(x.shape[1])},
+        "scaler": to_dict(scaler),
+        "head": "imc_head.safetensors" if method == "imc" else None,
+        "config": to_dict(search.config),
+        "source": source,
+    }
+    (out_dir / "cluster.json").write_text(json.dumps(_finite_tree(summary), indent=2), encoding="utf-8")
+    return summary
+
+
+def _finite_tree(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _finite_tree(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_tree(x) for x in v]
+    return _finite(v)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return "" if v is None else str(v)
+
+
+def run_cluster(latents: Path, out_dir: Path, config: ClusterSearchConfig, index: Path | None = None,
+                on_progress: Progress | None = None) -> dict[str, Any]:
+    """`histosynth cluster`: features of the cached latents -> search over K -> the cluster folder."""
+    config.validate("cluster")
+    array, tiles = load_inputs(latents, index)
+    raw, channels = features_from_array(array)
+    if not torch.isfinite(raw).all():
+        raise InputError(f"--latents: {latents} holds NaN or infinite values")
+    scaler = FeatureScaler.fit(raw, channels)
+    x = scaler.transform(raw)
+    search = search_k(x, config, on_progress)
+    source = {"latents": str(latents), "index": str(index) if index else None}
+    summary = write_cluster_outputs(Path(out_dir), search, tiles, x, scaler, channels, source)
+    summary["table"] = search.table
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The validity plot, drawn with PIL (matplotlib is deliberately not a dependency)
+
+_COLOURS = {"imc": (31, 119, 180), "kmeans": (255, 127, 14)}
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    if hi - lo < 1e-12:
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks, t = [], start
+    while t <= hi + step * 0.5:
+        ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+def plot_validity(table: Sequence[dict[str, Any]], chosen_k: int, path: Path) -> None:
+    """One panel per index against K, a line per method, the chosen K marked; written as PNG."""
+    panels = list(ALL_INDICES)
+    cols, pw, ph = 4, 330, 250
+    rows_n = math.ceil(len(panels) / cols)
+    img = Image.new("RGB", (cols * pw, rows_n * ph + 40), "white")
+    draw = ImageDraw.Draw(img)
+    font, small = ImageFont.load_default(14), ImageFont.load_default(11)
+    methods = sorted({r["method"] for r in table}, key=lambda m: m != "imc")
+    draw.text((10, 10), f"Cluster validity vs K (chosen K = {chosen_k}, dashed red)", fill="black", font=font)
+    lx = cols * pw - 200
+    for i, m in enumerate(methods):  # legend
+        draw.line([(lx + 90 * i, 18), (lx + 90 * i + 24, 18)], fill=_COLOURS.get(m, (0, 0, 0)), width=3)
+        draw.text((lx + 90 * i + 28, 11), m, fill="black", font=small)
+    ks = sorted({int(r["k"]) for r in table})
+    for p, name in enumerate(panels):
+        ox, oy = (p % cols) * pw, 40 + (p // cols) * ph
+        left, right, top, bottom = ox + 62, ox + pw - 14, oy + 28, oy + ph - 40
+        better = {"max": "higher is better", "min": "lower is better", "drop": "largest drop wins"}[DIRECTION[name]]
+        draw.text((ox + 10, oy + 4), f"{name} ({better})", fill="black", font=small)
+        values = [float(r[name]) for r in table if r.get(name) is not None and math.isfinite(float(r[name]))]
+        ticks = _nice_ticks(min(values), max(values)) if values else []
+        lo, hi = (ticks[0], ticks[-1]) if len(ticks) >= 2 else (0.0, 1.0)
+
+        def sx(k: float) -> float:
+            return left + (k - ks[0]) / max(ks[-1] - ks[0], 1) * (right - left)
+
+        def sy(v: float) -> float:
+            return bottom - (v - lo) / (hi - lo) * (bottom - top)
+
+        draw.rectangle([left, top, right, bottom], outline="black")
+        for t in ticks:
+            y = sy(t)
+            draw.line([(left - 4, y), (left, y)], fill="black")
+            draw.line([(left + 1, y), (right - 1, y)], fill=(235, 235, 235))
+            draw.text((ox + 4, y - 6), f"{t:.3g}", fill="black", font=small)
+        for k in ks:
+            draw.line([(sx(k), bottom), (sx(k), bottom + 4)], fill="black")
+            draw.text((sx(k) - 4, bottom + 6), str(k), fill="black", font=small)
+        draw.text(((left + right) / 2 - 4, bottom + 22), "K", fill="black", font=small)
+        if chosen_k in ks:
+            x0 = sx(chosen_k)
+            for y in range(int(top), int(bottom), 8):  # dashed marker of the chosen K
+                draw.line([(x0, y), (x0, min(y + 4, bottom))], fill=(214, 39, 40), width=2)
+        for m in methods:
+            pts = [(sx(int(r["k"])), sy(float(r[name]))) for r in sorted(table, key=lambda r: r["k"])
+                   if r["method"] == m and r.get(name) is not None and math.isfinite(float(r[name]))]
+            colour = _COLOURS.get(m, (0, 0, 0))
+            if len(pts) >= 2:
+                draw.line(pts, fill=colour, width=2)
+            for px, py in pts:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def read_assignments(cluster_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`cluster.json` and the rows of `assignments.csv` (tile, cluster, probability, distance) of a cluster folder."""
+    cluster_dir = Path(cluster_dir)
+    meta_path, csv_path = cluster_dir / "cluster.json", cluster_dir / "assignments.csv"
+    for p in (meta_path, csv_path):
+        if not p.is_file():
+            raise InputError(f"--clusters: {p} not found; give the output folder of `histosynth cluster`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{meta_path}: not valid JSON: {e}") from None
+    if meta.get("format") != CLUSTER_FORMAT:
+        raise InputError(f"{meta_path}: format {meta.get('format')!r}; expected {CLUSTER_FORMAT!r}")
+    rows = []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                rows.append({"tile": row["tile"], "cluster": int(row["cluster"]),
+                             "probability": float(row["probability"]), "distance": float(row["distance"])})
+            except (KeyError, TypeError, ValueError):
+                raise InputError(f"{csv_path}:{line}: expected tile, cluster, probability, distance") from None
+    return meta, rows
