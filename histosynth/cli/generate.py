@@ -1,7 +1,84 @@
-"""`histosynth generate` (being written)."""
+"""`histosynth generate`: class-balanced synthetic tiles from a YAML recipe; `merge-shards` joins shard manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from histosynth.cli.common import console, handle_errors
+from histosynth.sampling.plan import Shard
+from histosynth.sampling.runner import GenerateOptions, describe_plan, generate, load_plan, merge_shards
+
+
+@handle_errors
+def generate_command(
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML (see recipes/)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (ImageFolder layout)."),
+    backend: str = typer.Option("auto", help="auto | onnx | torch"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (CUDA is never silently replaced by CPU)."),
+    dtype: str = typer.Option("auto", help="UNet precision on CUDA: auto | fp32 | fp16 | bf16."),
+    shard: Optional[str] = typer.Option(None, help="Make only shard i of n (e.g. 0/4); merge with merge-shards."),
+    bundle: Optional[Path] = typer.Option(None, help="Use this bundle instead of the recipe's."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Images per batch (does not change any image)."),
+    overwrite: bool = typer.Option(False, help="Replace a different recipe's tiles in --out."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
+) -> None:
+    """Generate synthetic tiles from a recipe: DIR/<class>/<index>.<ext> plus manifest.csv."""
+    parsed_shard = Shard.parse(shard)
+    if dry_run:
+        recipe_obj, bundle_obj, plan = load_plan(recipe, bundle)
+        table = Table(title=f"plan: {recipe} -> {out}" + (f" (shard {shard})" if shard else ""))
+        for column in ("id", "class", "tiles", "sampler", "steps", "guidance", "train/val"):
+            table.add_column(column)
+        rows = describe_plan(plan, parsed_shard)
+        for r in rows:
+            table.add_row(str(r["class_id"]), r["name"], str(r["count"]), r["sampler"], str(r["steps"]),
+                          f"{r['guidance']:g}", f"{r['train']}/{r['val']}")
+        console.print(table)
+        console.print(f"bundle {bundle_obj.path} ({bundle_obj.hash[:12]}), seed {recipe_obj.seed}, "
+                      f"format {recipe_obj.output.format}, {sum(r['count'] for r in rows)} tiles; nothing written")
+        return
+
+    options = GenerateOptions(backend=backend, device=device, dtype=dtype, shard=parsed_shard, overwrite=overwrite,
+                              batch_size=batch_size, bundle=bundle)
+    progress = Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]} tiles/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=console, transient=False)
+    task = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = progress.add_task("generate", total=total, rate="-")
+        elapsed = progress.tasks[0].elapsed or 0.0
+        rate = f"{done / elapsed:.2f}" if done and elapsed else "-"
+        progress.update(task, completed=done, rate=rate)
+
+    with progress:
+        result = generate(recipe, out, options, on_progress=on_progress)
+
+    table = Table(title=f"{out} ({result.backend} on {result.device})")
+    for column in ("class", "planned", "made now", "already there"):
+        table.add_column(column)
+    for c in result.classes:
+        table.add_row(c.name, str(c.planned), str(c.made), str(c.skipped))
+    console.print(table)
+    rate = result.made / result.seconds if result.seconds > 0 and result.made else 0.0
+    console.print(f"{result.made} tiles in {result.seconds:.1f} s ({rate:.2f} tiles/s); manifest: {result.manifest}")
+
+
+@handle_errors
+def merge_shards_command(out: Path = typer.Argument(..., help="The folder the shards wrote into.")) -> None:
+    """Merge the manifests of `generate --shard i/n` runs into one manifest.csv (checks nothing is missing)."""
+    path, rows = merge_shards(out)
+    console.print(f"{path}: {rows} images")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add `generate` and `merge-shards` to the root app."""
+    app.command("generate")(generate_command)
+    app.command("merge-shards")(merge_shards_command)
