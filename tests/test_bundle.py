@@ -204,7 +204,7 @@ def _checkpoints(tmp_path: Path, unet_extra: dict) -> tuple[Path, Path, Path]:
 def test_export_from_checkpoints_takes_facts_from_metadata(tmp_path: Path) -> None:
     schedule = {"kind": "cosine", "num_train_steps": 500, "prediction": "v"}
     vq, un, labels = _checkpoints(tmp_path, {"kind": "unet", "step": 40, "latent_scale": 1.5, "schedule": schedule,
-                                             "data": "pcam train"})
+                                             "data": "pcam train", "class_names": ["tumour", "stroma"]})
     report = export_from_checkpoints(vq, un, labels, tmp_path / "bundle")
     m = load_bundle(report.path).manifest
     assert m.class_names == ["tumour", "stroma"] and m.tile_size == 16 and m.microns_per_pixel == 0.25
@@ -223,6 +223,9 @@ def test_export_from_checkpoints_errors(tmp_path: Path) -> None:
     (tmp_path / "three.yaml").write_text(yaml.safe_dump({"classes": [{"id": i, "name": f"c{i}"} for i in range(3)]}))
     with pytest.raises(InputError, match="3 class names for a UNet trained on 2"):
         export_from_checkpoints(vq, un, tmp_path / "three.yaml", tmp_path / "b", latent_scale=1.0)
+    _, un2, _ = _checkpoints(tmp_path, {"kind": "cldm", "latent_scale": 1.0, "class_names": ["stroma", "tumour"]})
+    with pytest.raises(InputError, match="differ from those .*unet.safetensors was trained on"):
+        export_from_checkpoints(vq, un2, labels, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
 

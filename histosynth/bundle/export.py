@@ -331,6 +331,12 @@ def export_from_checkpoints(
         if kind is not None and kind not in kinds:
             raise InputError(f"{path}: is a {kind!r} checkpoint, expected {' or '.join(kinds)}")
     labels = read_label_map(label_map)
+    trained_names = unet_extra.get("class_names")
+    label_names = [c.name for c in labels.classes]
+    if trained_names and list(trained_names) != label_names:
+        # The UNet learned class i from the label map it was trained with; another map would mislabel outputs.
+        raise InputError(f"{label_map}: classes {label_names} differ from those {unet_ckpt} was trained on "
+                         f"({list(trained_names)}); export with the label map used for `train cldm`")
 
     vqgan = VQGAN(from_dict(VQGANConfig, vq_config, f"{vqgan_ckpt}: config"))
     # Only the decoder half is exported; a checkpoint holding only that half loads too.
