@@ -252,7 +252,8 @@ def encode_dataset(
 
     # `done` counts whole tiles (all their views); restart at the first tile of an unfinished batch.
     remaining = Subset(dataset, range(done, n_tiles))
-    loader = DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator())  # leaves the caller's global RNG alone
     bar = Progress(TextColumn("[bold]encoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True),
                    disable=not show_progress)

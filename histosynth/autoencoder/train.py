@@ -189,7 +189,9 @@ def evaluate_reconstruction(model: VQGAN, dataset: Dataset, device: torch.device
     sums = {"psnr": 0.0, "ssim": 0.0, "ms_ssim": 0.0, "l1": 0.0}
     counts = torch.zeros(model.config.codebook_size, dtype=torch.float64)
     n = 0
-    for images in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    # A private generator: a DataLoader without one draws from the global RNG, shifting the training stream.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+    for images in loader:
         images = images.to(device)
         latents = model.encode(images)
         quant = model.quantize(latents)
@@ -303,11 +305,13 @@ def train_vqgan(config: VQGANTrainConfig, run_dir: str | Path, *, resume: bool =
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     info = dist.init_distributed(config.device)
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
         return _train(config, run_dir, ckpt_dir, info, resume, show_progress)
     finally:
+        torch.set_num_threads(threads)  # the caller's setting (tests, the pipeline) is theirs
         dist.cleanup()
 
 
