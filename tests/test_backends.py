@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +144,10 @@ def test_onnx_cuda_io_binding_matches_cpu(bundle: Bundle, backends: tuple[Backen
     out = gpu.denoise(x.cuda(), t.cuda(), y.cuda())
     assert out.device.type == "cuda"
     assert torch.allclose(out.cpu(), backends[1].denoise(x, t, y), atol=1e-4)
+
+
+def test_time_backend_measures_a_call(bundle: Bundle, backends: tuple[Backend, Backend]) -> None:
+    from histosynth.sampling.backends import time_backend
+
+    seconds = time_backend(backends[1], bundle, batch_size=2, repeats=2)
+    assert 0 < seconds < 5

@@ -94,7 +94,9 @@ def test_loaded_modules_reproduce_the_exported_networks(bundle_dir: Path) -> Non
         assert torch.allclose(bundle.build_decoder()(x), expected, atol=1e-6)
 
 
-def test_export_refuses_a_non_empty_folder_unless_it_is_a_bundle_and_overwrite(bundle_dir: Path, tmp_path: Path) -> None:
+def test_export_refuses_a_non_empty_folder_unless_it_is_a_bundle_and_overwrite(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
     vqgan, unet = tiny_networks(3)
     kwargs = dict(class_names=["a", "b", "c"], schedule_config=ScheduleConfig(), latent_scale=1.0, tile_size=16,
                   microns_per_pixel=0.25)

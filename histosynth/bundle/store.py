@@ -139,7 +139,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         bad = [c for c in check_files(root, manifest) if not c.ok]
         if bad:
             detail = "; ".join(
-                f"{c.name} is missing" if c.status == "missing" else f"{c.name} does not match its sha256 (altered or truncated)"
+                f"{c.name} is missing" if c.status == "missing"
+                else f"{c.name} does not match its sha256 (altered or truncated)"
                 for c in bad
             )
             raise InputError(f"bundle {root}: {detail}")
