@@ -1,0 +1,187 @@
+"""LDM / cLDM training on a tiny in-memory latent cache with a tiny UNet (a few seconds each on a CPU)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import histosynth.diffusion.train as T
+from histosynth.clusters.features import FeatureScaler, latent_features
+from histosynth.clusters.imc import IMCHead, train_imc
+from histosynth.diffusion.unet import UNet, UNetConfig
+from histosynth.errors import InputError
+from histosynth.runtime.checkpointing import latest_checkpoint
+from histosynth.runtime.tracking import read_metrics
+from histosynth.runtime.weights import load_checkpoint
+
+N_TILES = 48
+TINY_UNET = UNetConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                       num_heads=2, norm_groups=8)
+
+
+def _latents() -> np.ndarray:
+    """Two kinds of structured 8x8 latents (stripes and blobs), so there is something to learn."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:8, 0:8]
+    out = np.empty((N_TILES, 3, 8, 8), dtype=np.float32)
+    for i in range(N_TILES):
+        pattern = np.sin(xx * 1.5 + i) if i % 2 else np.exp(-((yy - 4) ** 2 + (xx - 4) ** 2) / 6.0)
+        out[i] = 2.0 * pattern[None] * np.array([1.0, -0.5, 0.25])[:, None, None]
+    return (out + 0.05 * rng.standard_normal(out.shape)).astype(np.float16)
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    """`open_latents` served from memory (the on-disk cache is exercised by the pipeline test)."""
+    data = T.LatentData(_latents(), [f"tile{i:03d}.jpg" for i in range(N_TILES)], 0.5, {"tile_size": 32})
+    monkeypatch.setattr(T, "open_latents", lambda path: data)
+    return data
+
+
+def _config(**kw) -> T.LDMTrainConfig:
+    base = dict(latents=Path("cache"), model=TINY_UNET, steps=20, batch_size=8, lr=1e-3, warmup_steps=2,
+                log_every=5, checkpoint_every=10, sample_count=4, sample_steps=2, device="cpu", seed=3)
+    base.update(kw)
+    return T.LDMTrainConfig(**base)
+
+
+def _labels_csv(path: Path, keys: list[str], excluded: set[int] = frozenset()) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tile", "class_id", "class_name"])
+        for i, k in enumerate(keys):
+            w.writerow([k, "" if i in excluded else i % 2, "" if i in excluded else ["blob", "stripes"][i % 2]])
+    return path
+
+
+def test_ldm_loss_decreases_and_writes_export(cache, tmp_path):
+    result = T.train_ldm(_config(steps=120, loss="mse", log_every=20), tmp_path / "run", progress=False)
+    losses = [r["loss_window"] for r in read_metrics(tmp_path / "run" / T.LOG_FILE, "train")]
+    assert len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0]
+    _, config, extra = load_checkpoint(result.unet)
+    assert extra["kind"] == "ldm" and extra["latent_scale"] == 0.5 and extra["tile_size"] == 32
+    assert extra["step"] == 120 and config["num_classes"] == 0
+    assert (tmp_path / "run" / T.SAMPLES_DIR / "step-00000120.png").is_file()
+
+
+def test_export_holds_ema_weights(cache, tmp_path):
+    result = T.train_ldm(_config(steps=10, ema_decay=0.9), tmp_path / "a", progress=False)
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(latest_checkpoint(tmp_path / "a" / T.CHECKPOINT_DIR)))
+    shipped, _, _ = load_checkpoint(result.unet)
+    key = "conv_in.weight"
+    assert torch.equal(shipped[key], ckpt[f"module/ema/{key}"])
+    assert not torch.allclose(shipped[key], ckpt[f"module/unet/{key}"])
+    # decay 0: the average is the last weights
+    result = T.train_ldm(_config(steps=10, ema_decay=0.0), tmp_path / "b", progress=False)
+    ckpt = load_file(str(latest_checkpoint(tmp_path / "b" / T.CHECKPOINT_DIR)))
+    shipped, _, _ = load_checkpoint(result.unet)
+    assert torch.equal(shipped[key], ckpt[f"module/unet/{key}"])
+
+
+def test_resume_equals_uninterrupted(cache, tmp_path):
+    full = T.train_ldm(_config(steps=20, augment=True), tmp_path / "full", progress=False)
+    first = T.train_ldm(_config(steps=10, augment=True), tmp_path / "split", progress=False)
+    assert first.resumed_from is None
+    second = T.train_ldm(_config(steps=20, augment=True), tmp_path / "split", progress=False)
+    assert second.resumed_from == 10
+    a, _, _ = load_checkpoint(full.unet)
+    b, _, _ = load_checkpoint(second.unet)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = read_metrics(tmp_path / "full" / T.LOG_FILE, "train")
+    log_b = read_metrics(tmp_path / "split" / T.LOG_FILE, "train")
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    # a finished run does nothing more
+    again = T.train_ldm(_config(steps=20, augment=True), tmp_path / "split", progress=False)
+    assert again.resumed_from == 20 and again.steps == 20
+
+
+def _record_class_ids(monkeypatch) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    forward = UNet.forward
+
+    def recording(self, x, t, class_ids):
+        if self.training:
+            seen.append(class_ids.detach().clone())
+        return forward(self, x, t, class_ids)
+
+    monkeypatch.setattr(UNet, "forward", recording)
+    return seen
+
+
+def test_label_dropout_fraction_and_excluded_tiles(cache, tmp_path, monkeypatch):
+    seen = _record_class_ids(monkeypatch)
+    excluded = {0, 1, 2, 3}
+    labels = _labels_csv(tmp_path / "labels.csv", cache.keys, excluded)
+    result = T.train_cldm(_config(steps=40, labels=labels, label_dropout=0.3, batch_size=16), tmp_path / "c",
+                          progress=False)
+    ids = torch.cat(seen)
+    assert len(ids) == 40 * 16
+    null_fraction = (ids == 2).float().mean().item()  # 2 classes: the null id is 2
+    assert 0.22 < null_fraction < 0.38
+    assert set(ids.unique().tolist()) == {0, 1, 2}
+    _, config, extra = load_checkpoint(result.unet)
+    assert config["num_classes"] == 2 and extra["kind"] == "cldm"
+
+    seen.clear()
+    T.train_ldm(_config(steps=5), tmp_path / "u", progress=False)
+    assert all((ids == 0).all() for ids in seen)  # unconditional: null id 0 everywhere
+
+
+def test_read_labels_errors(cache, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("tile,class_id\nnot-a-tile.jpg,0\n")
+    with pytest.raises(InputError, match="not in the latent cache"):
+        T.read_labels(bad, cache.keys)
+    bad.write_text("file,label\nx,0\n")
+    with pytest.raises(InputError, match="'tile' and 'class_id'"):
+        T.read_labels(bad, cache.keys)
+    ids = T.read_labels(_labels_csv(tmp_path / "ok.csv", cache.keys, {5}), cache.keys)
+    assert ids[5] == -1 and ids[4] == 0 and ids[7] == 1
+
+
+def test_cldm_fine_tunes_from_ldm(cache, tmp_path):
+    ldm = T.train_ldm(_config(steps=5), tmp_path / "ldm", progress=False)
+    state, _, _ = load_checkpoint(ldm.unet)
+    unet = UNet(TINY_UNET.__class__(**{**TINY_UNET.__dict__, "num_classes": 3}))
+    report = T.copy_matching_weights(unet, state)
+    assert not report["skipped"]
+    own = unet.state_dict()
+    assert torch.equal(own["conv_in.weight"], state["conv_in.weight"])
+    emb = own["class_embedder.embedding.weight"]
+    assert emb.shape[0] == 4 and all(torch.equal(row, state["class_embedder.embedding.weight"][0]) for row in emb)
+
+    labels = _labels_csv(tmp_path / "labels.csv", cache.keys)
+    result = T.train_cldm(_config(steps=5, labels=labels, init_from=ldm.unet), tmp_path / "cldm", progress=False)
+    assert load_checkpoint(result.unet).config["num_classes"] == 2
+    with pytest.raises(InputError, match="belong to `train cldm`"):
+        T.train_ldm(_config(labels=labels), tmp_path / "x", progress=False)
+
+
+def test_joint_imc_trains_head(cache, tmp_path):
+    latents = torch.from_numpy(cache.latents.astype(np.float32))
+    raw = latent_features(latents)
+    scaler = FeatureScaler.fit(raw, channels=3)
+    head = train_imc(scaler.transform(raw), k=3, seed=0)
+    head.set_scaler(scaler)
+    head.save(tmp_path / "head.safetensors")
+    label_map = tmp_path / "labels.yaml"
+    label_map.write_text(yaml.safe_dump({"classes": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}],
+                                         "clusters": {0: "a", 1: "b", 2: "a"}}))
+    result = T.train_cldm(_config(steps=10, joint_imc=True, imc_head=tmp_path / "head.safetensors",
+                                  label_map=label_map, imc_lr=1e-2), tmp_path / "j", progress=False)
+    records = read_metrics(tmp_path / "j" / T.LOG_FILE, "train")
+    assert all(np.isfinite(r["imc_loss"]) for r in records)
+    trained = IMCHead.load(tmp_path / "j" / "imc_head.safetensors")
+    assert not torch.allclose(trained.net[0].weight, head.net[0].weight)
+    assert load_checkpoint(result.unet).config["num_classes"] == 2
+    with pytest.raises(InputError, match="imc_head"):
+        T.load_ldm_config({"latents": "x", "joint_imc": True})
