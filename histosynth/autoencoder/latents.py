@@ -271,11 +271,11 @@ def encode_dataset(
                 array[rows] = latents.float().cpu().numpy().astype(np.float16)
             done += n
             bar.update(task, completed=done)
-            if on_progress is not None:
-                on_progress(done, n_tiles)
             if (b + 1) % chunk_batches == 0 or done == n_tiles:
                 array.flush()
                 _write_json(progress_file, {"key": key, "shape": list(shape), "done": done})
+            if on_progress is not None:
+                on_progress(done, n_tiles)
     array.flush()
     del array
 
