@@ -38,7 +38,7 @@ def _latents() -> np.ndarray:
 @pytest.fixture
 def cache(monkeypatch):
     """`open_latents` served from memory (the on-disk cache is exercised by the pipeline test)."""
-    data = T.LatentData(_latents(), [f"tile{i:03d}.jpg" for i in range(N_TILES)], 0.5, {"tile_size": 32})
+    data = T.LatentData(_latents(), [f"tile{i:03d}.jpg" for i in range(N_TILES)], 0.5, {"tile_size": [32, 32]})
     monkeypatch.setattr(T, "open_latents", lambda path: data)
     return data
 

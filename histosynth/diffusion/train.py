@@ -138,7 +138,7 @@ class LatentData:
     """The training latents (memory-mapped) and, per latent, its tile key and class id (-1 = not used)."""
 
     latents: np.ndarray  # (N, C, h, w) float16, memory-mapped
-    keys: list[str]  # tile identifier of each row (index.csv)
+    keys: list[str]  # tile of each row (index.csv `path`; several rows when the cache holds dihedral views)
     latent_scale: float
     meta: dict[str, Any]  # latents.json (tile size, source data, ...)
 
@@ -148,7 +148,7 @@ def open_latents(path: Path) -> LatentData:
     from histosynth.autoencoder.latents import LatentCache
 
     cache = LatentCache.open(path)
-    return LatentData(latents=cache.latents, keys=list(cache.keys), latent_scale=float(cache.latent_scale),
+    return LatentData(latents=cache.latents, keys=list(cache.paths), latent_scale=float(cache.latent_scale),
                       meta=dict(cache.meta))
 
 
@@ -161,7 +161,9 @@ def read_labels(path: Path, keys: Sequence[str]) -> np.ndarray:
     """
     if not Path(path).is_file():
         raise InputError(f"labels: file not found: {path}")
-    row_of = {k: i for i, k in enumerate(keys)}
+    rows_of: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        rows_of.setdefault(k, []).append(i)
     ids = np.full(len(keys), -1, dtype=np.int64)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -171,7 +173,7 @@ def read_labels(path: Path, keys: Sequence[str]) -> np.ndarray:
                 raise InputError(f"{path}: needs columns 'tile' and 'class_id'; has {', '.join(columns) or 'none'}")
         for line, row in enumerate(reader, start=2):
             tile, value = row["tile"], (row["class_id"] or "").strip()
-            if tile not in row_of:
+            if tile not in rows_of:
                 raise InputError(f"{path}:{line}: tile {tile!r} is not in the latent cache")
             if value == "":
                 continue
@@ -179,7 +181,7 @@ def read_labels(path: Path, keys: Sequence[str]) -> np.ndarray:
                 class_id = int(value)
             except ValueError:
                 raise InputError(f"{path}:{line}: class_id {value!r} is not an integer") from None
-            ids[row_of[tile]] = class_id if class_id >= 0 else -1
+            ids[rows_of[tile]] = class_id if class_id >= 0 else -1
     if (ids >= 0).sum() == 0:
         raise InputError(f"{path}: no tile of the latent cache has a class; nothing to train on")
     return ids
@@ -637,14 +639,18 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
             "step": state.step,
             "latent_scale": scale,
             "schedule": to_dict(config.schedule),
-            "data": config.data or str(data.meta.get("data", config.latents)),
+            "data": config.data or str((data.meta.get("source") or {}).get("data", config.latents)),
             "class_names": names,
             "label_dropout": config.label_dropout if kind == "cldm" else 1.0,
             "joint_imc": config.joint_imc,
         }
-        for key in ("tile_size", "microns_per_pixel"):
-            if key in data.meta:
-                extra[key] = data.meta[key]
+        tile = data.meta.get("tile_size")
+        if isinstance(tile, list) and len(tile) == 2 and tile[0] == tile[1]:
+            tile = tile[0]  # the cache records (h, w); tiles are square
+        if isinstance(tile, int):
+            extra["tile_size"] = tile
+        if "microns_per_pixel" in data.meta:
+            extra["microns_per_pixel"] = data.meta["microns_per_pixel"]
         save_checkpoint(ema.averaged(unet), out, to_dict(model_config), extra)
         if head is not None:
             head.save(run_dir / "imc_head.safetensors")
