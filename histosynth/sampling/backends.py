@@ -270,10 +270,11 @@ def make_backend(
 ) -> Backend:
     """Choose and build a backend from the user's `--backend`, `--device` and `--dtype`.
 
-    `auto` is torch on CUDA (fp16/bf16 UNets, no ORT GPU build needed) and ONNX Runtime on the CPU. Measured
-    on the shared 2-core dev machine (2 threads each, median of 5 `denoise` calls): the tiny test UNet at
-    batch 8 took 2.2 ms in ORT vs 62 ms in torch eager; the default 11M-parameter UNet on 3x32x32 latents at
-    batch 4 took 0.97 s vs 12.6 s. Eager torch pays per-op overhead and slower CPU kernels; ORT fuses.
+    `auto` is torch on CUDA (fp16/bf16 UNets, no ORT GPU build needed) and ONNX Runtime on the CPU, where it
+    was never slower. Median `denoise` call on the shared 2-core dev machine, torch eager vs ORT:
+    tiny test UNet, batch 8: 6.9 vs 1.7 ms (1 thread); default 11M-parameter UNet, 3x32x32 latents,
+    batch 4: 176 vs 138 ms (1 thread), 2.4 s vs 0.54 s (2 threads on the busy machine, where torch's
+    OpenMP workers spin against other processes and ORT's thread pool degrades far less).
     """
     if backend not in BACKENDS:
         raise InputError(f"--backend: unknown value {backend!r}; allowed: {', '.join(BACKENDS)}")
