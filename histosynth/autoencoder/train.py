@@ -135,6 +135,7 @@ class VQGANTrainResult:
     val_tiles: int
     seconds: float
     tiles_per_second: float  # training throughput of this run (all ranks together)
+    model: VQGAN  # the trained autoencoder (fp32, this rank's replica; identical on every rank)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,4 +514,5 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
         val_tiles=len(val_set),
         seconds=seconds,
         tiles_per_second=trained * config.batch_size * info.world_size / max(seconds, 1e-9),
+        model=model,
     )
