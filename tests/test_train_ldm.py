@@ -184,4 +184,4 @@ def test_joint_imc_trains_head(cache, tmp_path):
     assert not torch.allclose(trained.net[0].weight, head.net[0].weight)
     assert load_checkpoint(result.unet).config["num_classes"] == 2
     with pytest.raises(InputError, match="imc_head"):
-        T.load_ldm_config({"latents": "x", "joint_imc": True})
+        T.train_cldm(T.load_ldm_config({"latents": "x", "joint_imc": True}), tmp_path / "k", progress=False)

@@ -119,7 +119,6 @@ class LDMTrainConfig:
         require(self.sample_count >= 0, f"{path}.sample_count", "must be >= 0 (0 = no sample grids)")
         require(self.sample_steps >= 1, f"{path}.sample_steps", "must be at least 1")
         if self.joint_imc:
-            require(self.imc_head is not None, f"{path}.imc_head", "is required when joint_imc is true")
             require(self.labels is None, f"{path}.labels",
                     "must be null with joint_imc (the labels come from the IMC head)")
 
@@ -412,6 +411,8 @@ def train_cldm(config: LDMTrainConfig, run_dir: str | Path, *, progress: bool = 
     """
     if config.labels is None and not config.joint_imc:
         raise InputError("cldm.labels: required (the per-tile labels CSV from `review apply`), or set joint_imc")
+    if config.joint_imc and config.imc_head is None:
+        raise InputError("cldm.imc_head: required with joint_imc (imc_head.safetensors of `histosynth cluster`)")
     return _train(config, Path(run_dir), kind="cldm", progress=progress)
 
 
