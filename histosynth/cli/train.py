@@ -89,10 +89,85 @@ def encode_command(
     )
 
 
+def _diffusion_command(kind: str, config: Path, run_dir: Path, steps: Optional[int], seed: Optional[int],
+                       device: Optional[str]) -> None:
+    """Shared body of `train ldm` and `train cldm`: load the config, train, print a summary."""
+    from dataclasses import replace
+
+    from histosynth.configio import load
+    from histosynth.diffusion.train import LDMTrainConfig, train_cldm, train_ldm
+
+    cfg = load(LDMTrainConfig, config, root=kind)
+    changes = {k: v for k, v in (("steps", steps), ("seed", seed), ("device", device)) if v is not None}
+    if changes:
+        cfg = replace(cfg, **changes)
+        cfg.validate(kind)
+    result = (train_ldm if kind == "ldm" else train_cldm)(cfg, run_dir)
+    if _rank0():
+        start = f"resumed from step {result.resumed_from}; " if result.resumed_from is not None else ""
+        console.print(f"{start}{kind} at step {result.steps}, loss {result.final_loss:.4g}; "
+                      f"EMA weights: {result.unet}", highlight=False)
+
+
+@handle_errors
+def ldm_command(
+    config: Path = typer.Option(..., "--config", "-c", help="LDM training config YAML (latents: the cache of `train encode`)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder (resumed if it holds checkpoints): unet.safetensors, metrics.jsonl, samples."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Train up to this many steps (overrides the config)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (overrides the config)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
+) -> None:
+    """Train the unconditional latent diffusion model on the cached latents. Runs under `torchrun`."""
+    _diffusion_command("ldm", config, run_dir, steps, seed, device)
+
+
+@handle_errors
+def cldm_command(
+    config: Path = typer.Option(..., "--config", "-c", help="cLDM config YAML: latents, labels (review apply's _tiles.csv), label_map, optional init_from."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder (resumed if it holds checkpoints): unet.safetensors for `histosynth export`."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Train up to this many steps (overrides the config)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (overrides the config)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the config)."),
+) -> None:
+    """Train (or fine-tune from an LDM) the cluster-conditioned diffusion model, with label dropout for guidance."""
+    _diffusion_command("cldm", config, run_dir, steps, seed, device)
+
+
+@handle_errors
+def pipeline_command(
+    config: Path = typer.Option(..., "--config", "-c", help="pipeline.yaml (see configs/pipeline-example.yaml)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: one NN-stage subfolder per stage."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, done/pending, outputs); write nothing."),
+) -> None:
+    """Run every stage in order (tile, vqgan, encode, ldm, cluster, review, cldm, export); rerun to resume."""
+    from histosynth.pipeline.config import load_pipeline_config
+    from histosynth.pipeline.run import run_pipeline
+
+    cfg = load_pipeline_config(config)
+    result = run_pipeline(cfg, run_dir, dry_run=dry_run, log=lambda m: console.print(f"[bold]{m}[/]"))
+    table = Table(title=f"pipeline {run_dir}" + (" (dry run: nothing written)" if dry_run else ""))
+    for column in ("stage", "folder", "status", "outputs", "note"):
+        table.add_column(column)
+    for row in result.plan:
+        status = "done (now)" if row.name in result.ran else row.status
+        table.add_row(row.name, row.folder.name, status, "\n".join(p.name for p in row.outputs), row.note)
+    console.print(table)
+    if result.stopped_at:
+        console.print(f"[bold yellow]stopped at {result.stopped_at}:[/] {result.message}", highlight=False)
+    elif not dry_run:
+        console.print(f"done; bundle: {result.bundle}  (histosynth generate --recipe ... with bundle: {result.bundle})",
+                      highlight=False)
+
+
 # (name, command) in data-flow order; later stages append theirs here.
 COMMANDS: list[tuple[str, Callable[..., None]]] = [
     ("vqgan", vqgan_command),
     ("encode", encode_command),
+]
+COMMANDS += [
+    ("ldm", ldm_command),
+    ("cldm", cldm_command),
+    ("pipeline", pipeline_command),
 ]
 
 
