@@ -34,7 +34,7 @@ def checkpoints(tmp_path: Path) -> dict[str, Path]:
                                 {"kind": "unet", "latent_scale": 0.7, "step": 5}),
         "labels": tmp_path / "labels.yaml",
     }
-    paths["labels"].write_text(yaml.safe_dump({"classes": [{"id": 0, "name": "tumour"}, {"id": 1, "name": "stroma"}]}))
+    paths["labels"].write_text(yaml.safe_dump({"classes": [{"id": 0, "name": "stroma"}, {"id": 1, "name": "tumour"}]}))
     return paths
 
 
@@ -78,7 +78,7 @@ def test_export_command_writes_a_loadable_bundle(checkpoints: dict[str, Path], t
     assert result.exit_code == 0, result.output
     assert "ONNX Runtime vs torch" in result.output and "manifest.json" in result.output
     m = load_bundle(out).manifest
-    assert m.class_names == ["tumour", "stroma"] and m.microns_per_pixel == 0.25 and m.latent_scale == 0.7
+    assert m.class_names == ["stroma", "tumour"] and m.microns_per_pixel == 0.25 and m.latent_scale == 0.7
     assert m.provenance.data == "test tiles" and m.provenance.steps == {"ldm": 5}
     # Again into the same folder: refused without --overwrite (exit 2); replacing is tested in test_bundle.py.
     result = runner.invoke(app, args)

@@ -151,6 +151,11 @@ def export_bundle(
         raise InputError(
             f"labels: {len(class_names)} class names for a UNet trained on {unet_config.num_classes} classes"
         )
+    if list(class_names) != sorted(class_names):
+        raise InputError(
+            f"labels: class ids must follow the sorted order of names (got {', '.join(class_names)}), so that "
+            "generate's class folders sort in id order; `histosynth review apply` numbers classes this way"
+        )
     if unet_config.in_channels != vq_config.latent_channels:
         raise InputError(
             f"unet.in_channels ({unet_config.in_channels}) != vqgan.latent_channels ({vq_config.latent_channels}):"

@@ -94,6 +94,11 @@ class Manifest:
         names = [c.name for c in self.classes]
         dupes = sorted({n for n in names if names.count(n) > 1})
         require(not dupes, f"{path}.classes", f"duplicate class names: {', '.join(dupes)}")
+        # `generate` writes one folder per class name; torchvision's ImageFolder numbers folders in sorted
+        # order, so ids in name order make its indices equal the bundle's class ids.
+        require(names == sorted(names), f"{path}.classes",
+                f"class ids must follow the sorted order of names (got {', '.join(names)}); "
+                "`histosynth review apply` numbers classes this way")
         require(self.null_id == len(self.classes), f"{path}.null_id",
                 f"must equal the number of classes ({len(self.classes)}), got {self.null_id}")
         missing = [f for f in REQUIRED_FILES if f not in self.files]

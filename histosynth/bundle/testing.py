@@ -81,7 +81,7 @@ def tiny_bundle(
 
 def _export_tiny(out: Path, num_classes: int, tile_size: int, seed: int, prediction: str) -> Path:
     vqgan, unet = tiny_networks(num_classes, seed)
-    names = [TISSUE_NAMES[i] if i < len(TISSUE_NAMES) else f"class{i}" for i in range(num_classes)]
+    names = sorted(TISSUE_NAMES[i] if i < len(TISSUE_NAMES) else f"class{i:03d}" for i in range(num_classes))
     report = export_bundle(
         vqgan, unet, out,
         class_names=names,

@@ -82,7 +82,7 @@ def load_plan(recipe_path: Path, bundle_override: Optional[Path] = None, verify:
     recipe, bundle_path = load_recipe(recipe_path)
     bundle = load_bundle(bundle_override or bundle_path, verify=verify)
     T = bundle.manifest.schedule.num_train_steps
-    plan = Plan(recipe, bundle.class_names, bundle.hash, base_dir=Path(recipe_path).parent)
+    plan = Plan(recipe, bundle.class_names, bundle.manifest_sha256, base_dir=Path(recipe_path).parent)
     for c in plan.classes:
         if c.sampler.steps > T:
             raise InputError(f"recipe: {c.name} asks for {c.sampler.steps} steps; allowed: 1..{T} for this bundle")
@@ -191,7 +191,7 @@ def _write_metadata(out: Path, plan: Plan, recipe: Recipe, bundle) -> None:
     for entry in classes:
         entry["count"] = counts.get(entry["name"], 0)
     write_atomic(out / "classes.json", (json.dumps({"classes": classes, "null_id": bundle.null_id,
-                                                    "bundle": str(bundle.path), "bundle_hash": bundle.hash},
+                                                    "bundle": str(bundle.path), "bundle_hash": bundle.manifest_sha256},
                                                    indent=2) + "\n").encode())
     resolved = to_dict(recipe)
     resolved["bundle"] = str(bundle.path)
