@@ -359,7 +359,7 @@ def _fmt(v: Any) -> str:
 
 
 def run_cluster(latents: Path, out_dir: Path, config: ClusterSearchConfig, index: Path | None = None,
-                on_progress: Progress | None = None) -> dict[str, Any]:
+                on_progress: Progress | None = None, tiles_root: Path | None = None) -> dict[str, Any]:
     """`histosynth cluster`: features of the cached latents -> search over K -> the cluster folder."""
     config.validate("cluster")
     array, tiles = load_inputs(latents, index)
@@ -369,7 +369,9 @@ def run_cluster(latents: Path, out_dir: Path, config: ClusterSearchConfig, index
     scaler = FeatureScaler.fit(raw, channels)
     x = scaler.transform(raw)
     search = search_k(x, config, on_progress)
-    source = {"latents": str(latents), "index": str(index) if index else None}
+    # `tiles` is the folder the tile keys are relative to; `histosynth review` defaults to it.
+    source = {"latents": str(latents), "index": str(index) if index else None,
+              "tiles": str(tiles_root) if tiles_root else None}
     summary = write_cluster_outputs(Path(out_dir), search, tiles, x, scaler, channels, source)
     summary["table"] = search.table
     return summary
@@ -391,10 +393,9 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t <= hi + step * 0.5:
-        ticks.append(round(t, 12))
-        t += step
+    ticks = [round(start, 12)]
+    while ticks[-1] < hi - 1e-12 * max(1.0, abs(hi)):  # the last tick covers the largest value
+        ticks.append(round(start + len(ticks) * step, 12))
     return ticks
 
 
