@@ -50,11 +50,15 @@ def test_fid_of_samples_and_singular_covariances() -> None:
     assert fid_from_features(a, b) == pytest.approx(8.0, rel=0.05)
     mu, sigma = feature_statistics(a)
     assert mu.shape == (4,) and sigma.shape == (4, 4)
-    # Fewer samples than dimensions: singular covariances still give a finite, non-negative FID.
-    small_a, small_b = rng.normal(size=(10, 64)), rng.normal(size=(10, 64))
+    # The SVD route (used for N < d) is the same number as scipy's sqrtm where both are well defined.
+    c, e = rng.normal(size=(60, 12)) @ rng.normal(size=(12, 12)), rng.normal(size=(40, 12)) + 0.3
+    assert fid_from_features(c, e, method="svd") == pytest.approx(fid_from_features(c, e, method="sqrtm"), rel=1e-6)
+    # Fewer samples than dimensions: singular covariances; both routes agree up to sqrtm's eps ridge.
+    small_a, small_b = rng.normal(size=(30, 64)), rng.normal(size=(30, 64)) * 1.5
     value = fid_from_features(small_a, small_b)
     assert np.isfinite(value) and value > 0
-    assert fid_from_features(small_a, small_a) == pytest.approx(0.0, abs=1e-3)
+    assert value == pytest.approx(fid_from_features(small_a, small_b, method="sqrtm"), rel=1e-3)
+    assert fid_from_features(small_a, small_a) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(InputError):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 

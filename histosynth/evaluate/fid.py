@@ -2,6 +2,8 @@
 
 - FID (Heusel et al. 2017): Frechet distance between Gaussians fitted to the two feature sets, with
   ``scipy.linalg.sqrtm`` and pytorch-fid's fix for a singular product (retry with ``eps * I`` added).
+  When a set has fewer images than feature dimensions (N < 2048) the covariances are singular and sqrtm
+  is slow and unstable; `fid_from_features` then uses the exact identity in `trace_sqrt_product`.
 - KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel ``(x.y / d + 1)^3``, mean
   and std over random subsets; unbiased, so it is ~0 (and can be slightly negative) for one distribution.
 - Precision / recall (Kynkaanniemi et al. 2019): k-NN balls (k=3) around each real (fake) feature
@@ -69,9 +71,39 @@ def frechet_distance(
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
-    """FID between two ``(N, d)`` feature sets."""
-    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+def trace_sqrt_product(real: np.ndarray, fake: np.ndarray) -> float:
+    """``tr(sqrt(S1 S2))`` of the two sets' covariances, exactly, from the features themselves.
+
+    With ``A = centred(real) / sqrt(n1 - 1)`` and ``B = centred(fake) / sqrt(n2 - 1)``, ``S1 S2 = A^T A B^T B``
+    shares its non-zero eigenvalues with ``(A B^T)(A B^T)^T``, so the trace of its square root is the sum
+    of the singular values of the small ``(n1, n2)`` matrix ``A B^T``. No square root of a singular
+    ``(d, d)`` matrix is needed, which is what makes FID at N < d both slow and unstable with sqrtm.
+    """
+    a = np.asarray(real, dtype=np.float64)
+    b = np.asarray(fake, dtype=np.float64)
+    a = (a - a.mean(axis=0)) / np.sqrt(len(a) - 1)
+    b = (b - b.mean(axis=0)) / np.sqrt(len(b) - 1)
+    return float(np.linalg.svd(a @ b.T, compute_uv=False).sum())
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray, method: str = "auto") -> float:
+    """FID between two ``(N, d)`` feature sets.
+
+    ``method="sqrtm"``: `frechet_distance` of the fitted Gaussians (scipy sqrtm, the reference route).
+    ``method="svd"``: the same number through `trace_sqrt_product` (exact; cost grows with N1*N2*d).
+    ``"auto"`` takes ``svd`` when either set has fewer samples than dimensions (a singular covariance),
+    else ``sqrtm``.
+    """
+    real = np.asarray(real, dtype=np.float64)
+    fake = np.asarray(fake, dtype=np.float64)
+    if method not in ("auto", "sqrtm", "svd"):
+        raise InputError(f"FID method: unknown value {method!r}; allowed: auto, sqrtm, svd")
+    mu1, sigma1 = feature_statistics(real)
+    mu2, sigma2 = feature_statistics(fake)
+    if method == "sqrtm" or (method == "auto" and min(len(real), len(fake)) > real.shape[1]):
+        return frechet_distance(mu1, sigma1, mu2, sigma2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(real, fake))
 
 
 def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -1,0 +1,190 @@
+"""Small PNG plots drawn with PIL (matplotlib is not a dependency): line plots with error bars, bar
+plots, confusion matrices and image grids. Pillow's built-in bitmap font keeps them self-contained."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# Colour-blind-safe palette (Okabe & Ito).
+PALETTE = ((0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0), (240, 228, 66), (0, 0, 0))
+
+Series = Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]]
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values covering ``[lo, hi]`` (steps of 1, 2 or 5 times a power of ten)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / max(n - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    start = math.floor(lo / step) * step
+    ticks = []
+    value = start
+    while value <= hi + step * 1e-9:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
+def line_plot(
+    series: Series,
+    path: str | Path,
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    log_x: bool = False,
+    size: tuple[int, int] = (640, 420),
+) -> Path:
+    """Write a line plot: ``series[name] = (xs, ys, errors or None)``; error bars are +- errors."""
+    width, height = size
+    left, right, top, bottom = 70, 150, 36, 50
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = _font()
+    xs_all = [x for xs, _, _ in series.values() for x in xs]
+    ys_all = [y + s * e for _, ys, es in series.values() for y, e in zip(ys, es or [0] * len(ys)) for s in (-1, 1)]
+    ys_all = [y for y in ys_all if math.isfinite(y)]
+    tx = (lambda v: math.log10(v)) if log_x else (lambda v: float(v))
+    x_lo, x_hi = (min(map(tx, xs_all)), max(map(tx, xs_all))) if xs_all else (0.0, 1.0)
+    y_ticks = nice_ticks(min(ys_all), max(ys_all)) if ys_all else [0.0, 1.0]
+    y_lo, y_hi = y_ticks[0], y_ticks[-1] if y_ticks[-1] > y_ticks[0] else y_ticks[0] + 1
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return left + (tx(x) - x_lo) / (x_hi - x_lo) * pw, top + (1 - (y - y_lo) / (y_hi - y_lo)) * ph
+
+    draw.rectangle([left, top, left + pw, top + ph], outline="black")
+    for y in y_ticks:
+        _, yy = px(10 ** x_lo if log_x else x_lo, y)
+        draw.line([left - 4, yy, left, yy], fill="black")
+        draw.line([left + 1, yy, left + pw - 1, yy], fill=(230, 230, 230))
+        draw.text((left - 8, yy), _fmt(y), fill="black", font=font, anchor="rm")
+    x_ticks = sorted(set(xs_all)) if len(set(xs_all)) <= 10 else nice_ticks(x_lo, x_hi)
+    for x in x_ticks:
+        xx, _ = px(x, y_lo)
+        draw.line([xx, top + ph, xx, top + ph + 4], fill="black")
+        draw.text((xx, top + ph + 6), _fmt(x), fill="black", font=font, anchor="mt")
+    for i, (name, (xs, ys, errors)) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        points = [px(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for j, (x, y) in enumerate(zip(xs, ys)):
+            if not math.isfinite(y):
+                continue
+            cx, cy = px(x, y)
+            if errors is not None and math.isfinite(errors[j]) and errors[j] > 0:
+                _, y0 = px(x, y - errors[j])
+                _, y1 = px(x, y + errors[j])
+                draw.line([cx, y0, cx, y1], fill=colour, width=1)
+                draw.line([cx - 3, y0, cx + 3, y0], fill=colour)
+                draw.line([cx - 3, y1, cx + 3, y1], fill=colour)
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+        ly = top + 8 + 16 * i
+        draw.line([width - right + 10, ly, width - right + 30, ly], fill=colour, width=3)
+        draw.text((width - right + 36, ly), name, fill="black", font=font, anchor="lm")
+    draw.text((left + pw / 2, 12), title, fill="black", font=font, anchor="mm")
+    draw.text((left + pw / 2, height - 14), xlabel + (" (log scale)" if log_x else ""), fill="black", font=font, anchor="mm")
+    draw.text((8, top - 20), ylabel, fill="black", font=font, anchor="lm")
+    return _save(img, path)
+
+
+def bar_plot(values: Mapping[str, float], path: str | Path, *, title: str = "", ylabel: str = "",
+             errors: Mapping[str, float] | None = None, size: tuple[int, int] = (640, 420)) -> Path:
+    """Write a bar plot of ``values[name]`` with optional +- ``errors[name]``."""
+    width, height = size
+    left, right, top, bottom = 70, 20, 36, 60
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = _font()
+    errors = errors or {}
+    tops = [v + errors.get(k, 0.0) for k, v in values.items()] + [0.0]
+    ticks = nice_ticks(min(0.0, *values.values()) if values else 0.0, max(tops))
+    y_lo, y_hi = ticks[0], ticks[-1]
+    pw, ph = width - left - right, height - top - bottom
+    yp = lambda y: top + (1 - (y - y_lo) / (y_hi - y_lo)) * ph  # noqa: E731
+    draw.rectangle([left, top, left + pw, top + ph], outline="black")
+    for y in ticks:
+        draw.line([left - 4, yp(y), left, yp(y)], fill="black")
+        draw.text((left - 8, yp(y)), _fmt(y), fill="black", font=font, anchor="rm")
+    slot = pw / max(len(values), 1)
+    for i, (name, v) in enumerate(values.items()):
+        x0 = left + i * slot + slot * 0.15
+        x1 = left + (i + 1) * slot - slot * 0.15
+        draw.rectangle([x0, yp(max(v, 0)), x1, yp(min(v, 0))], fill=PALETTE[i % len(PALETTE)])
+        if errors.get(name):
+            cx = (x0 + x1) / 2
+            draw.line([cx, yp(v - errors[name]), cx, yp(v + errors[name])], fill="black")
+        draw.text(((x0 + x1) / 2, top + ph + 6), name[:14], fill="black", font=font, anchor="mt")
+    draw.text((left + pw / 2, 12), title, fill="black", font=font, anchor="mm")
+    draw.text((8, top - 20), ylabel, fill="black", font=font, anchor="lm")
+    return _save(img, path)
+
+
+def confusion_plot(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path, *,
+                   title: str = "", xlabel: str = "assigned", ylabel: str = "generated as") -> Path:
+    """Write a confusion matrix as a heat map with counts; rows are normalised for the colour."""
+    matrix = np.asarray(matrix)
+    cell = 48
+    left, top = 110, 60
+    width, height = left + cell * len(cols) + 20, top + cell * len(rows) + 40
+    img = Image.new("RGB", (max(width, 260), height), "white")
+    draw = ImageDraw.Draw(img)
+    font = _font()
+    totals = matrix.sum(axis=1, keepdims=True).clip(min=1)
+    share = matrix / totals
+    for i, row in enumerate(rows):
+        draw.text((left - 6, top + i * cell + cell / 2), row[:16], fill="black", font=font, anchor="rm")
+        for j in range(len(cols)):
+            v = float(share[i, j])
+            shade = (int(255 - 255 * v), int(255 - 141 * v), int(255 - 77 * v))  # white -> blue
+            box = [left + j * cell, top + i * cell, left + (j + 1) * cell, top + (i + 1) * cell]
+            draw.rectangle(box, fill=shade, outline=(200, 200, 200))
+            draw.text((box[0] + cell / 2, box[1] + cell / 2), str(int(matrix[i, j])),
+                      fill="white" if v > 0.6 else "black", font=font, anchor="mm")
+    for j, col in enumerate(cols):
+        draw.text((left + j * cell + cell / 2, top - 6), col[:8], fill="black", font=font, anchor="mb")
+    draw.text((left, 12), title, fill="black", font=font, anchor="lm")
+    draw.text((left + cell * len(cols) / 2, top - 24), xlabel, fill="black", font=font, anchor="mb")
+    draw.text((6, top - 24), ylabel, fill="black", font=font, anchor="lb")
+    return _save(img, path)
+
+
+def image_grid(images: Sequence[np.ndarray], columns: int = 8, pad: int = 2) -> Image.Image:
+    """Tile uint8 ``(H, W, 3)`` images (all one size) into one grid image with a white gap."""
+    if not images:
+        raise ValueError("image_grid: no images")
+    h, w = images[0].shape[:2]
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        grid.paste(Image.fromarray(np.asarray(im, dtype=np.uint8)), (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
+
+
+def _save(img: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return path
