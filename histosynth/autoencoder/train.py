@@ -16,7 +16,6 @@ is restored).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +41,7 @@ from histosynth.runtime.checkpointing import (
     save_resume_checkpoint,
 )
 from histosynth.runtime.tracking import MetricsLogger, TrainProgress
-from histosynth.runtime.trainer import EMA, ema_as_module, save_export, seed_everything
+from histosynth.runtime.trainer import EMA, ema_as_module, resumable_batches, save_export, seed_everything
 from histosynth.runtime.weights import load_checkpoint, load_state_dict
 from histosynth.tiles.dataset import SizePolicy, open_tiles
 
@@ -418,17 +417,7 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
     start_step = state.step
     val_metrics: dict[str, float] = {}
 
-    def batches():
-        epoch, position = state.epoch, state.epoch_position
-        while True:
-            sampler.set_epoch(epoch)
-            sampler.set_start(position)
-            for batch in loader:
-                position += batch.shape[0]
-                yield epoch, position, batch
-            epoch, position = epoch + 1, 0
-
-    stream = batches()
+    stream = resumable_batches(loader, sampler, state.epoch, state.epoch_position)
     with TrainProgress(config.steps, state.step, "train vqgan", enabled=show_progress) as bar:
         while state.step < config.steps:
             epoch, position, images = next(stream)

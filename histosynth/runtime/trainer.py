@@ -133,11 +133,20 @@ def save_export(
     return save_checkpoint(state, path, config, {**dict(extra or {}), "dtype": dtype})
 
 
-def infinite_batches(loader: torch.utils.data.DataLoader, sampler: dist.ResumableSampler,
-                     epoch: int) -> Iterator[tuple[int, Any]]:
-    """Yield ``(epoch, batch)`` forever, calling `sampler.set_epoch` at each new epoch."""
+def resumable_batches(loader: torch.utils.data.DataLoader, sampler: dist.ResumableSampler, epoch: int = 0,
+                      position: int = 0) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(epoch, position, batch)`` forever, starting `position` samples into `epoch`.
+
+    `position` is how many samples of the epoch this rank has consumed *after* the batch: store it in
+    `TrainState.epoch_position` with the epoch, and a resumed run continues with the next unseen batch.
+    `loader` must iterate `sampler` (a `ResumableSampler`) and yield tensors (or tuples of them) whose
+    first dimension is the batch.
+    """
     while True:
         sampler.set_epoch(epoch)
+        sampler.set_start(position)
         for batch in loader:
-            yield epoch, batch
-        epoch += 1
+            first = batch[0] if isinstance(batch, (tuple, list)) else batch
+            position += int(first.shape[0])
+            yield epoch, position, batch
+        epoch, position = epoch + 1, 0
