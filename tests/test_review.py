@@ -214,3 +214,34 @@ def test_suggest_names_majority_vote() -> None:
     s = suggest_names(rows, labels)
     assert str(s[0]) == "label 1: 3/4 (75%)" and s[0].counts == {"0": 1, "1": 3}
     assert str(s[1]) == "label 0: 1/1 (100%)"
+
+
+def test_cluster_dihedral_cache_uses_views(cache: Path, tmp_path: Path) -> None:
+    # The `train encode --dihedral` layout (docs/training.md): index,path,transform; rows tile-major.
+    latents = np.load(cache / "latents.npy")
+    with open(cache / "index.csv") as f:
+        names = [r["tile"] for r in csv.DictReader(f)]
+    both = np.stack([latents, latents[:, :, :, ::-1]], axis=1).reshape(-1, *latents.shape[1:])
+    folder = tmp_path / "dihedral"
+    folder.mkdir()
+    np.save(folder / "latents.npy", both.astype(np.float16))
+    with open(folder / "index.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "path", "transform"])
+        for i, name in enumerate(names):
+            w.writerow([2 * i, name, "identity"])
+            w.writerow([2 * i + 1, name, "flip"])
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["cluster", "--latents", str(folder), "--out", str(out), "--k-min", "2", "--k-max", "3",
+                            "--seeds", "0", "--steps", "50", "--no-kmeans-baseline"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "cluster.json").read_text())
+    assert meta["source"]["views"] == 1 and meta["num_tiles"] == 48
+    with open(out / "assignments.csv") as f:
+        assert [row["tile"] for row in csv.DictReader(f)] == names
+    # A tile missing one of its views is refused.
+    with open(folder / "index.csv", "a", newline="") as f:
+        csv.writer(f).writerow([96, "extra.jpg", "identity"])
+    np.save(folder / "latents.npy", np.concatenate([both, both[:1]]).astype(np.float16))
+    r = runner.invoke(app, ["cluster", "--latents", str(folder), "--out", str(out)])
+    assert r.exit_code == 2 and "'extra.jpg' has views" in r.output

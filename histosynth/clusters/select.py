@@ -84,10 +84,11 @@ class ClusterSearch:
         return self.choice.k
 
 
-def _fit_imc(x: torch.Tensor, k: int, config: ClusterSearchConfig) -> tuple[IMCHead, np.ndarray]:
+def _fit_imc(x: torch.Tensor, k: int, config: ClusterSearchConfig,
+             views: torch.Tensor | None = None) -> tuple[IMCHead, np.ndarray]:
     best, best_obj = None, math.inf
     for seed in config.seeds:
-        head = train_imc(x, k, config.imc, seed=seed)
+        head = train_imc(x, k, config.imc, seed=seed, views=views)
         with torch.no_grad():
             objective = float(im_loss(head(x), config.imc.mu)[0])  # on every tile, no augmentation
         if objective < best_obj:
@@ -102,8 +103,12 @@ def _fit_kmeans(x: np.ndarray, k: int, config: ClusterSearchConfig) -> tuple[np.
 
 
 def search_k(features: torch.Tensor | np.ndarray, config: ClusterSearchConfig | None = None,
-             on_progress: Progress | None = None) -> ClusterSearch:
-    """Cluster standardised features `(N, D)` for each K in range, score every partition, choose K."""
+             on_progress: Progress | None = None, views: torch.Tensor | None = None) -> ClusterSearch:
+    """Cluster standardised features `(N, D)` for each K in range, score every partition, choose K.
+
+    `views` `(V, N, D)`: standardised features of flipped/rotated copies of the tiles, for the IMC
+    consistency term (k-means and the indices use `features` only).
+    """
     config = config or ClusterSearchConfig()
     config.validate("cluster")
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
@@ -125,7 +130,7 @@ def search_k(features: torch.Tensor | np.ndarray, config: ClusterSearchConfig | 
             if on_progress:
                 on_progress(done, total, f"{method} K={k}")
             if method == "imc":
-                heads[k], labels[(method, k)] = _fit_imc(x, k, config)
+                heads[k], labels[(method, k)] = _fit_imc(x, k, config, views)
             else:
                 centres[k], labels[(method, k)] = _fit_kmeans(xn, k, config)
             done += 1
@@ -200,8 +205,12 @@ def _rule_text(index: str) -> str:
 # Inputs: the latent cache (or a feature matrix) and its tile index
 
 
-def read_index(path: Path) -> list[str]:
-    """Tile keys, one per latent row, from a CSV (column tile, key, path or file) or a JSON list."""
+def read_index(path: Path) -> tuple[list[str], list[str] | None]:
+    """Tile key of every latent row, and its `transform` where the index has one (docs/training.md).
+
+    CSV: the key column is the first of tile, key, path, file; an `index` column must count 0..N-1.
+    JSON: a list of keys, or {"tiles": [...]}.
+    """
     if not path.is_file():
         raise InputError(f"index: file not found: {path}")
     if path.suffix.lower() == ".json":
@@ -213,21 +222,37 @@ def read_index(path: Path) -> list[str]:
             data = data.get("tiles", data.get("paths"))
         if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
             raise InputError(f"{path}: expected a JSON list of tile paths, or {{\"tiles\": [...]}}")
-        return data
+        return data, None
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         column = next((c for c in ("tile", "key", "path", "file") if c in columns), None)
         if column is None:
             raise InputError(f"{path}: needs a column tile, key, path or file; has {', '.join(columns) or 'none'}")
-        return [row[column] for row in reader]
+        rows = list(reader)
+    if "index" in columns and [r["index"] for r in rows] != [str(i) for i in range(len(rows))]:
+        raise InputError(f"{path}: the index column must count the rows 0..{len(rows) - 1} in order")
+    transforms = [r["transform"] or "identity" for r in rows] if "transform" in columns else None
+    return [r[column] for r in rows], transforms
 
 
-def load_inputs(latents: Path, index: Path | None = None) -> tuple[np.ndarray, list[str]]:
-    """The latent array `(N, C, h, w)` or feature array `(N, D)` and the tile key of each row.
+@dataclass
+class ClusterInputs:
+    """Rows to cluster, their tile keys, and (dihedral caches) the rows of each extra view of every tile."""
+
+    array: np.ndarray  # (R, C, h, w) latents or (R, D) features, every row of the file (memory-mapped)
+    tiles: list[str]  # key of each tile clustered
+    rows: np.ndarray  # (N,) row of each tile's identity view
+    view_rows: np.ndarray | None  # (V, N) rows of the other views (flips/rotations), or None
+
+
+def load_inputs(latents: Path, index: Path | None = None) -> ClusterInputs:
+    """Open the latent array `(R, C, h, w)` (or features `(R, D)`) and its index.
 
     `latents` is a `.npy` file or a latent-cache folder holding `latents.npy` and `index.csv` (or
-    `index.json`); `index` overrides the index file.
+    `index.json`); `index` overrides the index file. With a `transform` column (a `--dihedral` cache),
+    the `identity` rows are the tiles and every other transform is a view used by the IMC consistency
+    term; each tile must have the same set of views.
     """
     latents = Path(latents)
     if latents.is_dir():
@@ -245,10 +270,24 @@ def load_inputs(latents: Path, index: Path | None = None) -> tuple[np.ndarray, l
         raise InputError(f"--latents: {latents} is not a plain .npy array: {e}") from None
     if array.ndim not in (2, 4):
         raise InputError(f"--latents: expected latents (N, C, h, w) or features (N, D), got shape {array.shape}")
-    keys = read_index(Path(index))
+    keys, transforms = read_index(Path(index))
     if len(keys) != len(array):
         raise InputError(f"--index: {len(keys)} tiles but {len(array)} rows in {latents.name}")
-    return array, keys
+    if transforms is None or set(transforms) == {"identity"}:
+        if len(set(keys)) != len(keys):
+            raise InputError(f"--index: tile keys repeat (e.g. {next(k for k in keys if keys.count(k) > 1)!r})")
+        return ClusterInputs(array, keys, np.arange(len(keys)), None)
+    by_tile: dict[str, dict[str, int]] = {}
+    for row, (key, t) in enumerate(zip(keys, transforms)):
+        by_tile.setdefault(key, {})[t] = row
+    names = sorted(set(transforms) - {"identity"})
+    for key, views in by_tile.items():
+        if set(views) != set(names) | {"identity"}:
+            raise InputError(f"--index: tile {key!r} has views {sorted(views)}; every tile needs identity + {names}")
+    tiles = list(by_tile)
+    rows = np.array([by_tile[k]["identity"] for k in tiles])
+    view_rows = np.array([[by_tile[k][t] for k in tiles] for t in names])
+    return ClusterInputs(array, tiles, rows, view_rows)
 
 
 def features_from_array(array: np.ndarray, batch: int = 4096) -> tuple[torch.Tensor, int | None]:
@@ -362,15 +401,21 @@ def run_cluster(latents: Path, out_dir: Path, config: ClusterSearchConfig, index
                 on_progress: Progress | None = None, tiles_root: Path | None = None) -> dict[str, Any]:
     """`histosynth cluster`: features of the cached latents -> search over K -> the cluster folder."""
     config.validate("cluster")
-    array, tiles = load_inputs(latents, index)
-    raw, channels = features_from_array(array)
+    inputs = load_inputs(latents, index)
+    raw, channels = features_from_array(inputs.array)
     if not torch.isfinite(raw).all():
         raise InputError(f"--latents: {latents} holds NaN or infinite values")
-    scaler = FeatureScaler.fit(raw, channels)
-    x = scaler.transform(raw)
-    search = search_k(x, config, on_progress)
+    rows = torch.from_numpy(inputs.rows)
+    scaler = FeatureScaler.fit(raw[rows], channels)
+    x = scaler.transform(raw[rows])
+    views = None
+    if inputs.view_rows is not None:
+        views = torch.stack([scaler.transform(raw[torch.from_numpy(v)]) for v in inputs.view_rows])
+    tiles = inputs.tiles
+    search = search_k(x, config, on_progress, views=views)
     # `tiles` is the folder the tile keys are relative to; `histosynth review` defaults to it.
     source = {"latents": str(latents), "index": str(index) if index else None,
+              "views": 0 if views is None else int(views.shape[0]),
               "tiles": str(tiles_root) if tiles_root else None}
     summary = write_cluster_outputs(Path(out_dir), search, tiles, x, scaler, channels, source)
     summary["table"] = search.table
