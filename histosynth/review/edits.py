@@ -7,7 +7,8 @@ Rules, in order (each violation is an `InputError` naming the key path):
 3. `moves`: each tile is in assignments.csv and moved once, to a known, not excluded cluster;
 4. final classes: no two share a name, each has at least one tile, at least one class is left.
 
-Classes get contiguous ids 0..C-1 in the order of their smallest original cluster id. `write_label_map`
+Classes get contiguous ids 0..C-1 in the sorted order of their names (so ImageFolder indices of
+generated tiles equal class ids). `write_label_map`
 writes the label map YAML (`classes` as docs/bundle.md defines it, plus `clusters`: cluster id -> class
 name or null for excluded, read by joint IMC training) and beside it `<stem>_tiles.csv` (tile,
 class_id, class_name) for conditional training; excluded tiles are left out of the CSV.
@@ -155,6 +156,9 @@ def apply_review(assignments: Sequence[dict[str, Any]], edits: ReviewEdits, k: i
         moved[move.tile] = i
         cluster_of[move.tile] = move.to
 
+    # Ids follow the sorted names: generate writes a folder per class and ImageFolder numbers folders in
+    # sorted order, so its indices then equal the bundle's class ids.
+    kept.sort(key=lambda lead: names[lead])
     class_id = {lead: i for i, lead in enumerate(kept)}
     cluster_to_class = {c: class_id.get(leader[c]) for c in sorted(known)}
     tile_labels, counts, excluded_tiles = [], [0] * len(kept), 0
