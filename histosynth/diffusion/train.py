@@ -86,7 +86,9 @@ class LDMTrainConfig:
     loss: Literal["min_snr", "mse"] = "min_snr"  # min-SNR-gamma weighting (Hang et al. 2023) or plain MSE
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
     label_dropout: float = 0.1  # P(label -> null class) for classifier-free guidance (cLDM only)
-    augment: bool = True  # random flips / 90-degree rotations of latents (tissue has no orientation)
+    augment: bool = False  # random flips / 90-degree turns of the latents themselves: cheap, but a conv encoder is
+    # only roughly equivariant, so turned latents are slightly off the encoder's distribution; the exact
+    # alternative is a cache encoded with `train encode --dihedral` (8 encoder-made views per tile)
     seed: int = 0
     log_every: int = 25  # steps between JSONL log records
     checkpoint_every: int = 500  # steps between resume checkpoints (one is always written at the end)
