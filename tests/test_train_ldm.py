@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import yaml
+from safetensors.torch import load_file, save_file
 
 import histosynth.diffusion.train as T
 from histosynth.clusters.features import FeatureScaler, latent_features
@@ -185,3 +190,48 @@ def test_joint_imc_trains_head(cache, tmp_path):
     assert load_checkpoint(result.unet).config["num_classes"] == 2
     with pytest.raises(InputError, match="imc_head"):
         T.train_cldm(T.load_ldm_config({"latents": "x", "joint_imc": True}), tmp_path / "k", progress=False)
+
+
+# ------------------------------------------------------------------ two CPU processes (gloo), as under torchrun
+
+
+def _write_cache(folder: Path) -> Path:
+    """A real on-disk latent cache in the format of `histosynth.autoencoder.latents` (written by hand)."""
+    folder.mkdir(parents=True)
+    latents = _latents()
+    np.save(folder / "latents.npy", latents)
+    with (folder / "index.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "path", "transform"])
+        for i in range(N_TILES):
+            w.writerow([i, f"tile{i:03d}.jpg", "identity"])
+    (folder / "latents.json").write_text(json.dumps({"version": 1, "shape": list(latents.shape),
+                                                     "latent_scale": 0.5, "tile_size": [32, 32]}))
+    return folder
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    labels = _labels_csv(Path(out) / f"labels{rank}.csv", [f"tile{i:03d}.jpg" for i in range(N_TILES)])
+    config = _config(latents=Path(out) / "cache", labels=labels, steps=6, batch_size=4, checkpoint_every=3,
+                     log_every=3, ema_decay=0.0)
+    # Each rank gets its own run folder so the test sees who wrote what (a real run shares one).
+    result = T.train_cldm(config, Path(out) / f"run{rank}", progress=False)
+    save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+
+
+def test_two_processes_keep_identical_replicas_and_only_rank0_writes(tmp_path):
+    _write_cache(tmp_path / "cache")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    a = load_file(str(tmp_path / "rank0.safetensors"))
+    b = load_file(str(tmp_path / "rank1.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "run0" / T.UNET_FILE).is_file() and not (tmp_path / "run1").exists()
+    first = load_file(str(tmp_path / "run0" / T.CHECKPOINT_DIR / "step-00000003.safetensors"))
+    assert not torch.equal(first["module/unet/conv_in.weight"], a["conv_in.weight"])  # it trained
+    assert [r["step"] for r in read_metrics(tmp_path / "run0" / T.LOG_FILE, "train")] == [3, 6]

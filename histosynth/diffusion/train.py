@@ -393,6 +393,7 @@ class TrainResult:
     steps: int  # optimizer steps done in total
     final_loss: float  # mean diffusion loss over the last logging window (nan if none this run)
     resumed_from: Optional[int]  # the step a resumed run started from
+    model: Optional[nn.Module] = None  # the EMA UNet (on every rank; only rank 0 writes it to `unet`)
 
 
 def train_ldm(config: LDMTrainConfig, run_dir: str | Path, *, progress: bool = True) -> TrainResult:
@@ -632,6 +633,7 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
             if config.sample_every and state.step % config.sample_every == 0 and state.step < config.steps:
                 sample_grid(state.step)
     out = run_dir / UNET_FILE
+    shipped = ema.averaged(unet).eval()
     if trained:
         checkpoint()
     if trained or not out.exists():
@@ -654,11 +656,11 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
             extra["tile_size"] = tile
         if "microns_per_pixel" in data.meta:
             extra["microns_per_pixel"] = data.meta["microns_per_pixel"]
-        save_checkpoint(ema.averaged(unet), out, to_dict(model_config), extra)
+        save_checkpoint(shipped, out, to_dict(model_config), extra)
         if head is not None:
             head.save(run_dir / "imc_head.safetensors")
     dist.barrier()
-    return TrainResult(unet=out, steps=state.step, final_loss=last_loss, resumed_from=resumed_from)
+    return TrainResult(unet=out, steps=state.step, final_loss=last_loss, resumed_from=resumed_from, model=shipped)
 
 
 def _grid_classes(num_classes: int, count: int) -> torch.Tensor:
