@@ -1,0 +1,214 @@
+"""Controllability: do tiles generated for class c come back as class c?
+
+Each generated tile (``DIR/<class_name>/*`` with ``DIR/manifest.csv`` from `histosynth generate`) is
+re-encoded with the VQ-GAN encoder and assigned a cluster by the model's own IMC head (the cluster
+assigner trained on the real latents). Clusters are mapped to class names through the label map's
+``clusters: {cluster_id: class_name}`` entry (``review apply`` writes it); without one, cluster ``i`` is
+the class whose ``class_id`` is ``i`` (the unreviewed case: one class per cluster). Per-class accuracy is
+the share of a class's tiles assigned back to it; the confusion matrix has one row per generated class
+and one column per assigned class (plus ``unmapped`` for clusters that name no class).
+
+Optionally a classifier trained on labelled real tiles (the downstream `SmallCNN`) gives a second,
+independent assignment into labels, with a class map (class name -> label) saying which label each class
+should get. The paper's figure: 73 of 100 tiles of one cluster assigned back to it.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from histosynth.configio import load_yaml
+from histosynth.errors import InputError
+from histosynth.evaluate.features import IMAGE_SUFFIXES, read_rgb
+from histosynth.evaluate.recon import images_to_tensor
+
+UNMAPPED = "unmapped"
+
+
+def generated_tiles(folder: str | Path, max_per_class: int | None = None) -> tuple[list[Path], list[str], dict[str, int]]:
+    """Files, their class names, and ``{class_name: class_id}`` of a `generate` output folder.
+
+    Reads ``manifest.csv`` when present (its ``path``, ``class_name``, ``class_id`` columns); otherwise every
+    sub-folder is a class, numbered in sorted order.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder of generated tiles")
+    files: list[Path] = []
+    names: list[str] = []
+    ids: dict[str, int] = {}
+    manifest = root / "manifest.csv"
+    if manifest.is_file():
+        with manifest.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            need = {"path", "class_name", "class_id"}
+            if not reader.fieldnames or not need <= set(reader.fieldnames):
+                raise InputError(f"{manifest}: needs columns {sorted(need)}, has {reader.fieldnames}")
+            for row in reader:
+                files.append(root / row["path"])
+                names.append(row["class_name"])
+                ids[row["class_name"]] = int(row["class_id"])
+    else:
+        for i, sub in enumerate(sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))):
+            for p in sorted(sub.iterdir()):
+                if p.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(p)
+                    names.append(sub.name)
+            ids[sub.name] = i
+    if not files:
+        raise InputError(f"{root}: no generated tiles (expected DIR/<class_name>/*.png and manifest.csv)")
+    if max_per_class is not None:
+        seen: dict[str, int] = {}
+        keep = []
+        for i, n in enumerate(names):
+            seen[n] = seen.get(n, 0) + 1
+            if seen[n] <= max_per_class:
+                keep.append(i)
+        files, names = [files[i] for i in keep], [names[i] for i in keep]
+    return files, names, ids
+
+
+def read_cluster_map(path: str | Path) -> dict[int, str]:
+    """``{cluster_id: class_name}`` from a label map's ``clusters`` entry (or a bare mapping)."""
+    data = load_yaml(path)
+    if isinstance(data, dict) and "clusters" in data:
+        data = data["clusters"]
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"{path}: expected 'clusters: {{cluster_id: class_name, ...}}'")
+    out = {}
+    for key, name in data.items():
+        try:
+            out[int(key)] = str(name)
+        except (TypeError, ValueError):
+            raise InputError(f"{path}.clusters: key {key!r} is not an integer cluster id") from None
+    return out
+
+
+@dataclass
+class ControlResult:
+    """Per-class accuracy and the confusion matrix of one assigner."""
+
+    assigner: str
+    rows: list[str]  # generated classes
+    columns: list[str]  # assigned classes (or labels)
+    confusion: np.ndarray  # (rows, columns) counts
+    expected: dict[str, str]  # generated class -> the column it should land in
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def per_class(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for i, name in enumerate(self.rows):
+            total = int(self.confusion[i].sum())
+            target = self.expected.get(name)
+            hits = int(self.confusion[i, self.columns.index(target)]) if target in self.columns else 0
+            out[name] = {"n": total, "correct": hits, "accuracy": hits / total if total else None, "expected": target}
+        return out
+
+    def accuracy(self) -> float | None:
+        per = self.per_class()
+        total = sum(v["n"] for v in per.values())
+        return sum(v["correct"] for v in per.values()) / total if total else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object documented in docs/evaluation.md (``metric: "control"``)."""
+        return {"metric": "control", "assigner": self.assigner, "accuracy": self.accuracy(),
+                "per_class": self.per_class(), "rows": self.rows, "columns": self.columns,
+                "confusion": self.confusion.astype(int).tolist(), "inputs": dict(self.inputs)}
+
+
+def _confusion(true: list[str], pred: list[str], rows: list[str], columns: list[str]) -> np.ndarray:
+    matrix = np.zeros((len(rows), len(columns)), dtype=np.int64)
+    for t, p in zip(true, pred):
+        matrix[rows.index(t), columns.index(p)] += 1
+    return matrix
+
+
+@torch.inference_mode()
+def cluster_assignments(files: list[Path], vqgan: torch.nn.Module, head: torch.nn.Module, device: torch.device,
+                        batch_size: int = 64, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Cluster id of each tile: IMC head logits of the VQ-GAN encoder's latents, argmax."""
+    out = []
+    for start in range(0, len(files), batch_size):
+        x = images_to_tensor(np.stack([read_rgb(p) for p in files[start : start + batch_size]])).to(device)
+        out.append(head.logits_from_latents(vqgan.encode(x)).argmax(dim=1).cpu().numpy())
+        if progress:
+            progress(min(start + batch_size, len(files)), len(files))
+    return np.concatenate(out)
+
+
+def evaluate_control(
+    samples: str | Path,
+    *,
+    vqgan: str | Path,
+    head: str | Path,
+    labels: str | Path | None = None,
+    device: str = "cpu",
+    max_per_class: int | None = None,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> ControlResult:
+    """Assign generated tiles back with the cluster head; see the module docstring."""
+    from histosynth.autoencoder.train import load_vqgan
+    from histosynth.clusters.imc import IMCHead
+    from histosynth.runtime.devices import resolve_device
+
+    dev = resolve_device(device)
+    files, names, ids = generated_tiles(samples, max_per_class)
+    model = load_vqgan(vqgan, dev)
+    imc = IMCHead.load(head).to(dev).eval()
+    if labels is not None:
+        cluster_to_class = read_cluster_map(labels)
+    else:
+        cluster_to_class = {cid: name for name, cid in ids.items()}
+    clusters = cluster_assignments(files, model, imc, dev, batch_size, progress)
+    predicted = [cluster_to_class.get(int(c), UNMAPPED) for c in clusters]
+    rows = sorted(set(names), key=lambda n: (ids.get(n, 0), n))
+    columns = list(dict.fromkeys([*rows, *sorted(set(cluster_to_class.values()) - set(rows))]))
+    if UNMAPPED in predicted:
+        columns.append(UNMAPPED)
+    result = ControlResult("clusters", rows, columns, _confusion(names, predicted, rows, columns), {r: r for r in rows})
+    result.inputs = {"samples": str(samples), "vqgan": str(vqgan), "head": str(head), "labels": None if labels is None else str(labels),
+                     "k": int(imc.k), "cluster_to_class": {str(k): v for k, v in sorted(cluster_to_class.items())}}
+    return result
+
+
+def evaluate_control_classifier(
+    samples: str | Path,
+    *,
+    real: str | Path,
+    real_labels: str | Path,
+    class_map: str | Path,
+    train_size: int | None = 2000,
+    max_per_class: int | None = None,
+    seed: int = 0,
+) -> ControlResult:
+    """Second assigner: the downstream `SmallCNN` trained on labelled real tiles, with a class -> label map."""
+    from histosynth.evaluate.downstream import (ClassifierConfig, load_tiles, predict_proba, read_class_map,
+                                                read_labels, stratified_subset, train_classifier)
+
+    files, names, _ = generated_tiles(samples, max_per_class)
+    mapping = read_class_map(class_map)
+    pool_files, pool_y = read_labels(real, real_labels)
+    if train_size is not None and train_size < len(pool_files):
+        keep = stratified_subset(pool_y, train_size, np.random.default_rng(seed))
+        pool_files, pool_y = [pool_files[i] for i in keep], pool_y[keep]
+    values = sorted(set(pool_y.tolist()))
+    config = ClassifierConfig()
+    index = {v: i for i, v in enumerate(values)}
+    model = train_classifier(load_tiles(pool_files, config.image_size),
+                             torch.tensor([index[int(v)] for v in pool_y]), len(values), config, seed)
+    predicted_idx = predict_proba(model, load_tiles(files, config.image_size)).argmax(axis=1)
+    predicted = [f"label {values[i]}" for i in predicted_idx]
+    rows = sorted(set(names))
+    columns = [f"label {v}" for v in values]
+    expected = {r: f"label {mapping[r]}" for r in rows if r in mapping}
+    result = ControlResult("classifier", rows, columns, _confusion(names, predicted, rows, columns), expected)
+    result.inputs = {"samples": str(samples), "real": str(real), "real_labels": str(real_labels),
+                     "class_map": str(class_map), "train_size": len(pool_files)}
+    return result

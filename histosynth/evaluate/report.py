@@ -1,0 +1,177 @@
+"""One Markdown report from the JSON results of `histosynth evaluate ...`, sample grids and plots.
+
+``build_report(out_dir, results=[...json...], samples=DIR, run_dir=RUN)`` writes ``out_dir/report.md`` and
+its PNGs beside it:
+
+- each result file becomes a section chosen by its ``metric`` key (``fid``, ``recon``, ``control``,
+  ``downstream``; a list of ``{sampler, steps, fid, ...}`` records, as the sampler benchmarks print, becomes
+  a quality-against-steps table and plot);
+- ``samples`` (a `generate` output folder) gives one grid of tiles per class;
+- ``run_dir`` (a training run folder) contributes its cluster-validity plots (``*validity*.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from histosynth.errors import InputError
+from histosynth.evaluate.features import read_rgb
+from histosynth.evaluate.plots import confusion_plot, image_grid, line_plot
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_f(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _fid_section(d: dict[str, Any]) -> list[str]:
+    out = ["## Realism and diversity (FID, KID, precision/recall, density/coverage)", ""]
+    out += _table(
+        ["N real", "N fake", "FID", "KID (x1e3)", "precision", "recall", "density", "coverage"],
+        [[d["n_real"], d["n_fake"], d["fid"], f"{d['kid']['mean'] * 1e3:.3g} +- {d['kid']['std'] * 1e3:.2g}",
+          d["precision"], d["recall"], d["density"], d["coverage"]]],
+    )
+    out += [f"> warning: {w}" for w in d.get("warnings", [])]
+    return out + [""]
+
+
+def _recon_section(d: dict[str, Any]) -> list[str]:
+    out = ["## VQ-GAN reconstruction (paired metrics)", ""]
+    rows = [[name.upper().replace("_", "-"), d[name]["mean"], d[name]["std"], d[name]["n"]] for name in ("ssim", "ms_ssim", "psnr", "mse")]
+    out += _table(["metric", "mean", "std", "n"], rows)
+    return out + [f"MS-SSIM used {d['ms_ssim_scales']} scales; PSNR in dB with data range 2 ([-1, 1] images).", ""]
+
+
+def _control_section(d: dict[str, Any], out_dir: Path, tag: str) -> list[str]:
+    png = confusion_plot(np.asarray(d["confusion"]), d["rows"], d["columns"], out_dir / f"confusion-{tag}.png",
+                         title=f"controllability ({d['assigner']})")
+    out = [f"## Controllability ({d['assigner']} assigner): overall accuracy {_f(d['accuracy'], 3)}", ""]
+    out += _table(["class", "expected", "correct / n", "accuracy"],
+                  [[k, v["expected"], f"{v['correct']} / {v['n']}", v["accuracy"]] for k, v in d["per_class"].items()])
+    return out + [f"![confusion matrix]({png.name})", ""]
+
+
+def _downstream_section(d: dict[str, Any], out_dir: Path, tag: str) -> list[str]:
+    out = ["## Downstream classifier utility", ""]
+    rows = [[r["arm"], r["n_real"], r["n_synthetic"],
+             f"{_f(r['accuracy']['mean'], 3)} +- {_f(r['accuracy']['std'], 2)}",
+             f"{_f(r['auc']['mean'], 3)} +- {_f(r['auc']['std'], 2)}"] for r in d["results"]]
+    out += _table(["arm", "real", "synthetic", "accuracy", "ROC AUC"], rows)
+    sizes = sorted({r["n_real"] for r in d["results"] if r["arm"] != "synthetic"})
+    series = {}
+    for arm in ("real", "real+synthetic", "synthetic"):
+        rs = [r for r in d["results"] if r["arm"] == arm]
+        if not rs:
+            continue
+        nan = float("nan")
+        if arm == "synthetic":
+            series[arm] = (sizes, [rs[0]["accuracy"]["mean"] or nan] * len(sizes), [rs[0]["accuracy"]["std"] or 0.0] * len(sizes))
+        else:
+            series[arm] = ([r["n_real"] for r in rs], [r["accuracy"]["mean"] or nan for r in rs], [r["accuracy"]["std"] or 0.0 for r in rs])
+    if sizes:
+        png = line_plot(series, out_dir / f"downstream-{tag}.png", title="test accuracy", xlabel="labelled real tiles",
+                        ylabel="accuracy", log_x=len(sizes) > 2)
+        out += [f"![downstream accuracy]({png.name})", ""]
+    return out
+
+
+def _sweep_section(records: list[dict[str, Any]], out_dir: Path, tag: str) -> list[str]:
+    out = ["## Quality against sampler steps", ""]
+    keys = [k for k in ("sampler", "steps", "fid", "kid", "seconds", "seconds_per_image") if any(k in r for r in records)]
+    out += _table(keys, [[r.get(k) if not isinstance(r.get(k), dict) else r[k].get("mean") for k in keys] for r in records])
+    series: dict[str, tuple[list[float], list[float], None]] = {}
+    for r in sorted(records, key=lambda r: r.get("steps", 0)):
+        if "fid" in r and "steps" in r:
+            xs, ys, _ = series.setdefault(str(r.get("sampler", "?")), ([], [], None))
+            xs.append(r["steps"])
+            ys.append(r["fid"])
+    if series:
+        png = line_plot(series, out_dir / f"sweep-{tag}.png", title="FID against sampler steps", xlabel="steps", ylabel="FID", log_x=True)
+        out += [f"![FID against steps]({png.name})", ""]
+    return out
+
+
+def _samples_section(samples: Path, out_dir: Path, per_class: int) -> list[str]:
+    from histosynth.evaluate.control import generated_tiles
+
+    files, names, _ = generated_tiles(samples)
+    out = ["## Samples per class", ""]
+    for name in dict.fromkeys(names):
+        picks = [f for f, n in zip(files, names) if n == name][:per_class]
+        grid = image_grid([read_rgb(p) for p in picks], columns=8)
+        path = out_dir / f"samples-{name}.png"
+        grid.save(path)
+        out += [f"### {name}", "", f"![{name}]({path.name})", ""]
+    return out
+
+
+def build_report(
+    out_dir: str | Path,
+    *,
+    results: Sequence[str | Path] = (),
+    samples: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    per_class: int = 16,
+    title: str = "histosynth evaluation",
+) -> Path:
+    """Write ``out_dir/report.md`` (and its PNGs) and return its path."""
+    if not results and samples is None and run_dir is None:
+        raise InputError("report: give at least one of --results, --samples, --run")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", ""]
+    for i, path in enumerate(results):
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"--results: {p}: file not found") from None
+        except json.JSONDecodeError as e:
+            raise InputError(f"--results: {p}: not valid JSON: {e}") from None
+        tag = f"{i}"
+        lines += [f"<!-- from {p} -->"]
+        if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
+            lines += _sweep_section(data, out, tag)
+            continue
+        metric = data.get("metric") if isinstance(data, dict) else None
+        if metric == "fid":
+            lines += _fid_section(data)
+        elif metric == "recon":
+            lines += _recon_section(data)
+        elif metric == "control":
+            lines += _control_section(data, out, tag)
+        elif metric == "downstream":
+            lines += _downstream_section(data, out, tag)
+        else:
+            raise InputError(f"--results: {p}: unknown result (key 'metric' is {metric!r}; allowed: fid, recon, control, downstream, or a list of sweep records)")
+    if samples is not None:
+        lines += _samples_section(Path(samples), out, per_class)
+    if run_dir is not None:
+        run = Path(run_dir)
+        if not run.is_dir():
+            raise InputError(f"--run: {run}: not a folder")
+        plots = sorted(run.rglob("*validity*.png"))
+        if plots:
+            lines += ["## Cluster validity against K", ""]
+            for j, png in enumerate(plots):
+                target = out / f"validity-{j}.png"
+                shutil.copyfile(png, target)
+                lines += [f"![{png.relative_to(run)}]({target.name})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return report
