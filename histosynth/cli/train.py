@@ -105,8 +105,8 @@ def _diffusion_command(kind: str, config: Path, run_dir: Path, steps: Optional[i
     result = (train_ldm if kind == "ldm" else train_cldm)(cfg, run_dir)
     if _rank0():
         start = f"resumed from step {result.resumed_from}; " if result.resumed_from is not None else ""
-        console.print(f"{start}{kind} at step {result.steps}, loss {result.final_loss:.4g}; "
-                      f"EMA weights: {result.unet}", highlight=False)
+        loss = f", loss {result.final_loss:.4g}" if result.final_loss == result.final_loss else ""  # nan: no step run
+        console.print(f"{start}{kind} at step {result.steps}{loss}; EMA weights: {result.unet}", highlight=False)
 
 
 @handle_errors
