@@ -277,3 +277,16 @@ def test_metrics_logger_drops_records_after_the_resume_step(tmp_path: Path) -> N
     records = read_metrics(tmp_path / "m.jsonl")
     assert [r["step"] for r in records] == [1, 2] and records[0]["loss"] == 1.0 and records[0]["bad"] == "nan"
     json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+
+
+def test_codebook_is_initialised_from_encoder_outputs(tiles: Path, tmp_path: Path) -> None:
+    """At `codebook_init_step` every code is replaced by an encoder output: the +-1/K init lies far from the data,
+    and without this a real run used ~5 of 1024 codes."""
+    run_dir = tmp_path / "run"
+    result = train_vqgan(_config(tiles, steps=4, codebook_init_step=2, dead_code_every=0, log_every=1, val_every=4,
+                                 sample_every=4, ckpt_every=4, disc_start=100), run_dir, show_progress=False)
+    train = read_metrics(run_dir / "metrics.jsonl", "train")
+    resets = {r["step"]: r.get("dead_codes_reset") for r in train}
+    assert resets[2] == 32 and resets[1] is None and resets[3] is None
+    codes = result.model.quantizer.embedding.weight
+    assert codes.abs().max() > 10 / 32  # no longer the +-1/K uniform init

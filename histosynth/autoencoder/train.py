@@ -70,6 +70,7 @@ class VQGANTrainConfig:
     augment: bool = True  # random flips / 90-degree rotations of each tile (histology has no orientation)
     dead_code_every: int = 200  # every M steps re-initialise unused codes from current encoder outputs; 0: never
     dead_code_threshold: float = 0.01  # a code is dead when its usage EMA is below this share of uniform use
+    codebook_init_step: int = 20  # at this step every code is re-initialised from encoder outputs; -1: never
     ema_decay: float = 0.0  # EMA of the autoencoder's weights for validation/export; 0: no EMA
     log_every: int = 50  # steps between train-metric records (averaged over the window and the ranks)
     val_every: int = 1000  # steps between validations (and at the end)
@@ -454,7 +455,13 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
             state.epoch, state.epoch_position = epoch, position
             logs["perplexity"] = quant.perplexity.detach()
             logs["batch_usage"] = quant.usage.detach()
-            if config.dead_code_every and state.step % config.dead_code_every == 0:
+            if state.step == config.codebook_init_step:
+                # Data-dependent codebook init: the default +-1/K codes lie far from the encoder's outputs, so
+                # only a handful get picked (measured: perplexity ~5 of 1024 codes after 250 steps without it).
+                model.quantizer.usage_ema.zero_()
+                logs["dead_codes_reset"] = torch.tensor(
+                    float(_reset_dead_codes(model, images, config, state.step, opt_g)))
+            elif config.dead_code_every and state.step % config.dead_code_every == 0:
                 logs["dead_codes_reset"] = torch.tensor(
                     float(_reset_dead_codes(model, images, config, state.step, opt_g)))
             for k, v in logs.items():

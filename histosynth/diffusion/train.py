@@ -74,7 +74,7 @@ class LDMTrainConfig:
     joint_imc: bool = False  # train the IMC head jointly and condition on its argmax (paper); False = fixed labels
     imc_head: Optional[Path] = None  # the chosen IMC head (`cluster` output); required with joint_imc
     imc_weight: float = 0.1  # weight of the IM loss added to the diffusion loss (joint_imc)
-    imc_mu: float = 2.0  # weight of the marginal entropy in the IM loss (as in clusters.imc.IMCConfig)
+    imc_mu: float = 4.0  # weight of the marginal entropy in the IM loss (as clusters.imc.IMCConfig: 2.0 merged blobs)
     imc_lr: float = 1e-4  # learning rate of the head (small: it starts from the chosen, already trained head)
     batch_size: int = 32  # per process
     lr: float = 2e-4  # AdamW learning rate after warm-up
