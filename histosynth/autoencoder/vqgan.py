@@ -21,6 +21,7 @@ from torch import nn
 
 from histosynth.configio import from_dict, require
 from histosynth.errors import InputError
+from histosynth.layers import Downsample, Upsample
 
 
 @dataclass(frozen=True)
@@ -123,28 +124,6 @@ class SelfAttention(nn.Module):
         weights = torch.softmax(q.transpose(1, 2) @ k * self.scale, dim=-1)  # (N, HW, HW)
         out = (v @ weights.transpose(1, 2)).reshape(n, c, h, w)  # (N, C, H, W)
         return x + self.proj(out)
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv (symmetric padding; inputs have even sizes, checked in `VQGAN.encode`)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest x2 then 3x3 conv (no checkerboard artefacts of transposed convs)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class MidBlock(nn.Module):

@@ -22,6 +22,7 @@ from torch import nn
 
 from histosynth.configio import from_dict, require
 from histosynth.errors import InputError
+from histosynth.layers import Downsample, Upsample
 
 
 @dataclass(frozen=True)
@@ -196,28 +197,6 @@ class AttentionBlock(nn.Module):
         weights = torch.softmax(logits.float(), dim=-1).to(v.dtype)
         out = (v @ weights.transpose(1, 2)).reshape(n, c, h, w)  # (N, C, H, W)
         return x + self.proj(out)
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest x2 then 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Stage(nn.Module):
