@@ -67,7 +67,9 @@ def test_cache_holds_the_encoder_outputs_and_their_statistics(model: VQGAN, tile
     assert meta["channel_std"] == pytest.approx(e.std(dim=(0, 2, 3), unbiased=False).tolist(), rel=1e-3)
     with (tmp_path / "cache" / "index.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["path"] for r in rows] == [str(p) for p in ds.files]
+    # Absolute keys: `cluster` and `review` find the tiles from any working folder.
+    assert [r["path"] for r in rows] == [str(p.resolve()) for p in ds.files]
+    assert all(Path(r["path"]).is_absolute() for r in rows)
     assert {r["transform"] for r in rows} == {"identity"}
     # The dataset view: float32, scaled for diffusion.
     item = cache.dataset()[3]

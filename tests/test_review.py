@@ -96,6 +96,13 @@ def test_review_sheets_with_labels(clustered: Path, shared_data: Path, tmp_path:
     suggestions = json.loads((out / "suggestions.json").read_text())
     assert sum(s["annotated"] for s in suggestions.values()) == 48  # every PCam tile has a label
     assert "unreadable" not in r.output
+    # A rerun never overwrites the expert's edits: the fresh template goes beside them.
+    (out / "clusters.yaml").write_text((out / "clusters.yaml").read_text() + "# edited\n")
+    r = runner.invoke(app, ["review", "sheets", "--clusters", str(clustered), "--out", str(out),
+                            "--n-centre", "2", "--n-random", "2"])
+    assert r.exit_code == 0, r.output
+    assert (out / "clusters.yaml").read_text().endswith("# edited\n")
+    assert load_edits(out / "clusters.template.yaml").clusters.keys() == edits.clusters.keys()
 
 
 def test_review_sheets_without_tiles_folder_fails(clustered: Path, tmp_path: Path) -> None:

@@ -64,7 +64,8 @@ def tile_names(dataset: Dataset) -> list[str]:
         return [inner[i] for i in dataset.indices]
     files = getattr(dataset, "files", None)
     if files is not None:
-        return [str(p) for p in files]
+        # Absolute: the keys stay valid whatever folder `cluster` and `review` later run from.
+        return [str(Path(p).resolve()) for p in files]
     path = getattr(dataset, "path", None)
     if path is not None:
         return [f"{path}[{i}]" for i in range(len(dataset))]  # type: ignore[arg-type]

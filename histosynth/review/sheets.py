@@ -218,8 +218,11 @@ def make_review_sheets(cluster_dir: Path, out_dir: Path, tiles_root: Path | None
         + "".join(sections) + "</body></html>"
     )
     (out_dir / "review.html").write_text(page, encoding="utf-8")
-    (out_dir / "clusters.yaml").write_text(template_yaml(k, sizes, suggestions), encoding="utf-8")
-    files += [out_dir / "review.html", out_dir / "clusters.yaml"]
+    template = out_dir / "clusters.yaml"
+    if template.exists():  # never overwrite the expert's edits: a rerun writes the fresh template beside them
+        template = out_dir / "clusters.template.yaml"
+    template.write_text(template_yaml(k, sizes, suggestions), encoding="utf-8")
+    files += [out_dir / "review.html", template]
     if suggestions:
         data = {str(c): {"suggestion": str(s), "label": s.label, "votes": s.votes, "annotated": s.annotated,
                          "counts": s.counts} for c, s in suggestions.items()}
