@@ -92,11 +92,14 @@ def _downstream_section(d: dict[str, Any], out_dir: Path, tag: str) -> list[str]
 
 def _sweep_section(records: list[dict[str, Any]], out_dir: Path, tag: str) -> list[str]:
     out = ["## Quality against sampler steps", ""]
+    # KID comes as a {mean, std} dict from `evaluate fid` and as flat kid_mean/kid_std from the benchmarks.
+    records = [{**r, "kid": r["kid"].get("mean")} if isinstance(r.get("kid"), dict) else
+               ({**r, "kid": r["kid_mean"]} if "kid_mean" in r else r) for r in records]
     keys = [k for k in ("sampler", "steps", "fid", "kid", "seconds", "seconds_per_image") if any(k in r for r in records)]
-    out += _table(keys, [[r.get(k) if not isinstance(r.get(k), dict) else r[k].get("mean") for k in keys] for r in records])
+    out += _table(keys, [[r.get(k) for k in keys] for r in records])
     series: dict[str, tuple[list[float], list[float], None]] = {}
     for r in sorted(records, key=lambda r: r.get("steps", 0)):
-        if "fid" in r and "steps" in r:
+        if r.get("fid") is not None and "steps" in r:  # timing-only records (--no-fid) have no FID to plot
             xs, ys, _ = series.setdefault(str(r.get("sampler", "?")), ([], [], None))
             xs.append(r["steps"])
             ys.append(r["fid"])
@@ -147,6 +150,9 @@ def build_report(
         lines += [f"<!-- from {p} -->"]
         if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
             lines += _sweep_section(data, out, tag)
+            continue
+        if isinstance(data, dict) and isinstance(data.get("results"), list) and "metric" not in data:
+            lines += _sweep_section(data["results"], out, tag)  # a benchmark's whole stdout object
             continue
         metric = data.get("metric") if isinstance(data, dict) else None
         if metric == "fid":
