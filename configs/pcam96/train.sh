@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduce weights/pcam96 stage by stage with the histosynth CLI (what a lab would type), from the repository
+# root with ../shared/data beside it. Every stage resumes from its own checkpoints: rerun after an interruption.
+#   bash configs/pcam96/train.sh            # stops after the contact sheets until the review edits exist
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+R=runs/pcam96
+DATA=../shared/data/pcam
+REVIEWED=weights/pcam96/training/clusters.yaml   # the expert's edits, committed beside the bundle
+mkdir -p $R
+
+# 1. VQ-GAN (f=4), two processes with one thread each.
+torchrun --nproc_per_node 2 -m histosynth train vqgan --config configs/pcam96/vqgan.yaml --run-dir $R/vqgan
+# 2. Encode every training tile once into the latent cache.
+histosynth train encode --vqgan $R/vqgan/vqgan.safetensors --data $DATA/train --out $R/latents --batch-size 128
+# 3. Unconditional latent diffusion.
+histosynth train ldm --config configs/pcam96/ldm.yaml --run-dir $R/ldm
+# 4. Information-maximization clustering, K = 2..8 chosen by the validity indices' majority vote.
+histosynth cluster --latents $R/latents --out $R/clusters --k-min 2 --k-max 8
+# 5. Expert review: contact sheets (PCam labels only as name suggestions), then the reviewed edits.
+histosynth review sheets --clusters $R/clusters --out $R/review --labels $DATA/train_labels.csv
+if [ ! -f $REVIEWED ]; then
+  echo "look at $R/review/review.html, edit $R/review/clusters.yaml, copy it to $REVIEWED and rerun"; exit 0
+fi
+histosynth review apply $REVIEWED --clusters $R/clusters --out $R/label_map.yaml
+# 6. Conditional fine-tuning on the reviewed labels (10% label dropout for classifier-free guidance).
+histosynth train cldm --config configs/pcam96/cldm.yaml --run-dir $R/cldm
+# 7. The bundle: ONNX + safetensors + manifest, ONNX Runtime checked against torch.
+histosynth export --vqgan $R/vqgan/vqgan.safetensors --unet $R/cldm/unet.safetensors --labels $R/label_map.yaml \
+  --out weights/pcam96 --mpp 0.972 --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
+# Training artefacts a user needs for `evaluate recon|control` and to audit the clustering.
+mkdir -p weights/pcam96/training
+cp $R/vqgan/vqgan.safetensors $R/label_map.yaml weights/pcam96/training/
+cp $R/clusters/imc_head.safetensors $R/clusters/imc_head.json $R/clusters/validity.csv $R/clusters/validity.png \
+   $R/clusters/cluster.json weights/pcam96/training/
