@@ -4,7 +4,6 @@ tiny denoising fit."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +15,6 @@ from histosynth.diffusion.unet import ClassEmbedder, TimestepEmbedder, UNet, UNe
 from histosynth.errors import InputError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from a second thread, and on a loaded 2-core machine OpenMP spin-waiting
-    # makes them ~10x slower; restore the suite's setting afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 TINY = UNetConfig(
     base_channels=16,

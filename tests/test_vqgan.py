@@ -3,7 +3,6 @@ the patch discriminator, and a tiny overfit on real tiles."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,6 @@ from histosynth.configio import from_dict, to_dict
 from histosynth.errors import InputError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from a second thread, and on a loaded 2-core machine OpenMP spin-waiting
-    # makes them ~10x slower; restore the suite's setting afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 TINY = VQGANConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4, codebook_size=32)
 
