@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from histosynth.bundle.store import load_bundle
-from histosynth.diffusion.samplers import sample
+from histosynth.diffusion.samplers import SAMPLERS, sample
 from histosynth.diffusion.schedule import NoiseSchedule
 from histosynth.sampling.backends import make_backend
 
@@ -77,6 +77,18 @@ def run_one(backend, schedule: NoiseSchedule, latent_shape, null_id: int, sample
     }
 
 
+def parse_samplers(text: str) -> list[tuple[str, int]]:
+    """`"dpmpp2m:20,ddim:50"` -> `[("dpmpp2m", 20), ("ddim", 50)]`, names checked against the sampler registry."""
+    settings = []
+    for spec in (s.strip() for s in text.split(",")):
+        name, sep, steps = spec.partition(":")
+        if not sep or name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise ValueError(f"--samplers: {spec!r} is not sampler:steps; allowed samplers: {', '.join(SAMPLERS)}, "
+                             "steps a positive integer (e.g. dpmpp2m:20)")
+        settings.append((name, int(steps)))
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path)
@@ -88,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
+    try:
+        samplers = parse_samplers(args.samplers)  # before any work: a typo must not cost a bundle load
+    except ValueError as e:
+        parser.error(str(e))
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             from histosynth.bundle.testing import tiny_bundle
@@ -109,10 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as e:  # a backend this machine lacks (e.g. ORT CUDA) is reported, not fatal
                         results.append({"backend": backend_name, "device": device, "dtype": dtype, "error": str(e)})
                         continue
-                    for spec in args.samplers.split(","):
-                        sampler, steps = spec.split(":")
+                    for sampler, steps in samplers:
                         row = run_one(backend, schedule, tuple(bundle.manifest.latent_shape), bundle.null_id, sampler,
-                                      int(steps), args.batch, args.repeats)
+                                      steps, args.batch, args.repeats)
                         row["dtype"] = dtype
                         results.append(row)
                         print(json.dumps(row), file=sys.stderr)

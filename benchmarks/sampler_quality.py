@@ -32,9 +32,9 @@ from typing import Any, Optional
 import torch
 import yaml
 
+from histosynth.diffusion.samplers import SAMPLERS
 from histosynth.errors import InputError, RunError
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 DEFAULT_SETTINGS = "ddpm:1000,ddim:50,ddim:20,dpmpp2m:20,dpmpp2m:10"
 GOAL = {
     "text": "DPM-Solver++ (dpmpp2m) at 20 steps within 5% of the 1000-step DDPM FID at >= 50x less time",

@@ -60,16 +60,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(
-            tp.__name__, tp.__name__
-        )
-    return str(tp).replace("typing.", "")
-
-
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:

@@ -220,3 +220,42 @@ def test_classifier_free_guidance_per_sample_scale_one_call():
     plain = classifier_free_guidance(denoise, torch.ones(3), null_id=9)
     plain(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]))
     assert calls == [3]  # no guidance, no extra evaluation
+
+
+def test_a_new_sampler_is_one_registry_entry(monkeypatch):
+    """Registering one entry makes a name valid for `sample`, recipes (with overrides) and error messages."""
+    from histosynth.configio import from_dict
+    from histosynth.diffusion import samplers
+    from histosynth.errors import InputError
+    from histosynth.sampling.recipe import Recipe, sampler_for
+
+    calls = []
+
+    def make_step(eta):
+        def step(x, x0, eps, abar_t, abar_next, noise):
+            calls.append(noise)
+            return x0 if abar_next >= 1.0 else abar_next**0.5 * x0 + (1 - abar_next) ** 0.5 * eps
+
+        return step
+
+    entry = samplers.SamplerInfo("euler-test", "deterministic first-order test sampler", make_step, uses_eta=False)
+    monkeypatch.setitem(samplers.SAMPLERS, entry.name, entry)
+    x = sample(lambda x, t, y: torch.zeros_like(x), NoiseSchedule(), torch.ones(2, 1, 2, 2),
+               torch.zeros(2, dtype=torch.long), sampler="euler-test", steps=4, eta=0.7)
+    assert len(calls) == 4 and all(n is None for n in calls)  # eta is ignored: no noise drawn, no randn needed
+    assert torch.allclose(x, torch.ones_like(x) / NoiseSchedule().alphas_cumprod[999].sqrt(), rtol=1e-5)
+    r = from_dict(Recipe, {"bundle": "b", "balanced": {"per_class": 1}, "sampler": {"name": "euler-test"},
+                           "overrides": {"a": {"name": "ddim"}}}, "recipe")
+    assert r.sampler.name == "euler-test" and sampler_for(r, "a").name == "ddim"
+    with pytest.raises(InputError, match="recipe.overrides.a.name: unknown value 'heun'; allowed: .*euler-test"):
+        from_dict(Recipe, {"bundle": "b", "balanced": {"per_class": 1}, "overrides": {"a": {"name": "heun"}}},
+                  "recipe")
+
+
+def test_registry_stochasticity():
+    from histosynth.diffusion.samplers import SAMPLERS
+
+    assert list(SAMPLERS) == ["ddpm", "ddim", "dpmpp2m"]
+    assert SAMPLERS["ddpm"].stochastic(0.0) and SAMPLERS["ddpm"].effective_eta(0.3) == 1.0
+    assert SAMPLERS["ddim"].stochastic(0.5) and not SAMPLERS["ddim"].stochastic(0.0)
+    assert not SAMPLERS["dpmpp2m"].stochastic(1.0)  # dpmpp2m ignores eta: it never asks for noise

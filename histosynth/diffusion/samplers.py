@@ -14,7 +14,8 @@ lambda_t = log(alpha_t / sigma_t).
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -23,9 +24,8 @@ from histosynth.diffusion.schedule import NoiseSchedule
 Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """denoise(x_t (N,C,H,W), t (N,) int64 training timesteps, class_ids (N,) int64) -> network output."""
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp2m"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp2m")
-STOCHASTIC = {"ddpm"}
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float, Optional[torch.Tensor]], torch.Tensor]
+"""step(x_t, x0, eps, abar_t, abar_next, noise) -> x_next; abar_next = 1 is the final step to sigma = 0."""
 
 
 def predict_x0_eps(
@@ -93,6 +93,76 @@ def dpmpp_2m_step(
     return x_t
 
 
+def _ddim_stepper(eta: float) -> Step:
+    def step(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_next: float,
+             noise: Optional[torch.Tensor]) -> torch.Tensor:
+        final = abar_next >= 1.0  # the step to sigma = 0 adds no noise
+        return ddim_step(x0, eps, abar_t, abar_next, eta=0.0 if final else eta, noise=None if final else noise)
+
+    return step
+
+
+def _dpmpp2m_stepper(eta: float) -> Step:
+    # Multistep: the previous step's data prediction and lambda live in this closure, one per sampling run.
+    x0_prev: Optional[torch.Tensor] = None
+    lambda_prev: Optional[float] = None
+
+    def step(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_next: float,
+             noise: Optional[torch.Tensor]) -> torch.Tensor:
+        nonlocal x0_prev, lambda_prev
+        x_next = dpmpp_2m_step(x, x0, x0_prev, lambda_prev, abar_t, abar_next)
+        x0_prev, lambda_prev = x0, 0.5 * math.log(abar_t / (1 - abar_t))
+        return x_next
+
+    return step
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """One sampler: the registry entry that `sample`, recipes, the CLI and the docs all read.
+
+    Adding a sampler is adding one entry to `SAMPLERS`: recipe validation, `generate --explain`, the
+    benchmarks and the docs test pick it up from there.
+    """
+
+    name: str
+    summary: str  # one line for `generate --explain` and docs/generate.md
+    make_step: Callable[[float], Step]  # eta -> a fresh update rule for one sampling run
+    uses_eta: bool  # whether the recipe's `eta` changes anything
+    fixed_eta: Optional[float] = None  # an eta the sampler always uses, whatever the recipe says
+
+    def effective_eta(self, eta: float) -> float:
+        """The stochasticity really used for a requested `eta`."""
+        if self.fixed_eta is not None:
+            return self.fixed_eta
+        return eta if self.uses_eta else 0.0
+
+    def stochastic(self, eta: float) -> bool:
+        """Whether a run with this `eta` draws fresh noise at its steps (and so needs `randn`)."""
+        return self.effective_eta(eta) > 0
+
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    s.name: s
+    for s in (
+        SamplerInfo("ddpm", "ancestral DDPM (Ho et al. 2020), the paper's 1000-step baseline; always stochastic",
+                    _ddim_stepper, uses_eta=False, fixed_eta=1.0),
+        SamplerInfo("ddim", "DDIM (Song et al. 2021, eq. 12); deterministic at eta 0, DDPM-like at eta 1",
+                    _ddim_stepper, uses_eta=True),
+        SamplerInfo("dpmpp2m", "DPM-Solver++(2M) (Lu et al. 2022), second-order multistep; deterministic, "
+                    "the fast default (20 steps)", _dpmpp2m_stepper, uses_eta=False),
+    )
+}
+"""The sampler registry, by name (the order of the docs and of error messages)."""
+
+
+def get_sampler(name: str) -> SamplerInfo:
+    """The registry entry of `name`; `ValueError` listing the allowed names otherwise."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
 def sample(
     denoise: Denoise,
     schedule: NoiseSchedule,
@@ -111,30 +181,23 @@ def sample(
     decides where it comes from so an image's noise can depend on that image alone, not on its batch.
     `on_step(i)` is called after each step (progress bars).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    if sampler == "ddpm":
-        eta = 1.0
+    info = get_sampler(sampler)
+    eta = info.effective_eta(eta)
     if eta > 0 and randn is None:
         raise ValueError(f"sampler {sampler!r} with eta={eta} is stochastic and needs `randn`")
+    step = info.make_step(eta)
     prediction = schedule.config.prediction
     abar = schedule.alphas_cumprod.tolist()
     timesteps = schedule.timesteps(steps)
     x = noise
-    x0_prev: Optional[torch.Tensor] = None
-    lambda_prev: Optional[float] = None
     for i, t in enumerate(timesteps):
         abar_t = abar[t]
         abar_next = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         output = denoise(x, t_batch, class_ids).to(x.dtype)
         x0, eps = predict_x0_eps(x, output, math.sqrt(abar_t), math.sqrt(1 - abar_t), prediction)
-        if sampler == "dpmpp2m":
-            x = dpmpp_2m_step(x, x0, x0_prev, lambda_prev, abar_t, abar_next)
-            x0_prev, lambda_prev = x0, 0.5 * math.log(abar_t / (1 - abar_t))
-        else:
-            step_noise = randn(i) if (eta > 0 and abar_next < 1.0) else None
-            x = ddim_step(x0, eps, abar_t, abar_next, eta=eta if abar_next < 1.0 else 0.0, noise=step_noise)
+        step_noise = randn(i) if (eta > 0 and abar_next < 1.0) else None  # type: ignore[misc]
+        x = step(x, x0, eps, abar_t, abar_next, step_noise)
         if on_step is not None:
             on_step(i)
     return x

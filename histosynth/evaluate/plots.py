@@ -1,5 +1,5 @@
-"""Small PNG plots drawn with PIL (matplotlib is not a dependency): line plots with error bars, bar
-plots, confusion matrices and image grids. Pillow's built-in bitmap font keeps them self-contained."""
+"""Small PNG plots drawn with PIL (matplotlib is not a dependency): line plots with error bars,
+confusion matrices and image grids. Pillow's built-in bitmap font keeps them self-contained."""
 
 from __future__ import annotations
 
@@ -100,38 +100,6 @@ def line_plot(
         draw.text((width - right + 36, ly), name, fill="black", font=font, anchor="lm")
     draw.text((left + pw / 2, 12), title, fill="black", font=font, anchor="mm")
     draw.text((left + pw / 2, height - 14), xlabel + (" (log scale)" if log_x else ""), fill="black", font=font, anchor="mm")
-    draw.text((8, top - 20), ylabel, fill="black", font=font, anchor="lm")
-    return _save(img, path)
-
-
-def bar_plot(values: Mapping[str, float], path: str | Path, *, title: str = "", ylabel: str = "",
-             errors: Mapping[str, float] | None = None, size: tuple[int, int] = (640, 420)) -> Path:
-    """Write a bar plot of ``values[name]`` with optional +- ``errors[name]``."""
-    width, height = size
-    left, right, top, bottom = 70, 20, 36, 60
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = _font()
-    errors = errors or {}
-    tops = [v + errors.get(k, 0.0) for k, v in values.items()] + [0.0]
-    ticks = nice_ticks(min(0.0, *values.values()) if values else 0.0, max(tops))
-    y_lo, y_hi = ticks[0], ticks[-1]
-    pw, ph = width - left - right, height - top - bottom
-    yp = lambda y: top + (1 - (y - y_lo) / (y_hi - y_lo)) * ph  # noqa: E731
-    draw.rectangle([left, top, left + pw, top + ph], outline="black")
-    for y in ticks:
-        draw.line([left - 4, yp(y), left, yp(y)], fill="black")
-        draw.text((left - 8, yp(y)), _fmt(y), fill="black", font=font, anchor="rm")
-    slot = pw / max(len(values), 1)
-    for i, (name, v) in enumerate(values.items()):
-        x0 = left + i * slot + slot * 0.15
-        x1 = left + (i + 1) * slot - slot * 0.15
-        draw.rectangle([x0, yp(max(v, 0)), x1, yp(min(v, 0))], fill=PALETTE[i % len(PALETTE)])
-        if errors.get(name):
-            cx = (x0 + x1) / 2
-            draw.line([cx, yp(v - errors[name]), cx, yp(v + errors[name])], fill="black")
-        draw.text(((x0 + x1) / 2, top + ph + 6), name[:14], fill="black", font=font, anchor="mt")
-    draw.text((left + pw / 2, 12), title, fill="black", font=font, anchor="mm")
     draw.text((8, top - 20), ylabel, fill="black", font=font, anchor="lm")
     return _save(img, path)
 

@@ -13,22 +13,28 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from histosynth.configio import from_dict, load_yaml, require
+from histosynth.diffusion.samplers import SAMPLERS
 from histosynth.errors import InputError
 
 MAX_STEPS = 1000  # the training schedule's T; checked against the bundle again when it is known
 IMAGE_SUFFIX = {"png": "png", "jpeg": "jpg", "tiff": "tif"}
 
 
+def _check_sampler_name(name: str, path: str) -> None:
+    require(name in SAMPLERS, path, f"unknown value {name!r}; allowed: {', '.join(SAMPLERS)}")
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     """How each image is sampled."""
 
-    name: Literal["ddpm", "ddim", "dpmpp2m"] = "dpmpp2m"  # dpmpp2m at 20 steps is the fast default
+    name: str = "dpmpp2m"  # a name from the sampler registry (diffusion.samplers.SAMPLERS); dpmpp2m is fast
     steps: int = 20  # denoiser evaluations (x2 for rows with guidance != 1)
-    eta: float = 0.0  # DDIM stochasticity; ddpm always uses 1
+    eta: float = 0.0  # DDIM stochasticity; ddpm always uses 1, dpmpp2m ignores it
     guidance: float = 1.0  # classifier-free guidance scale w; 1 = the plain conditional model, as in the paper
 
     def validate(self, path: str) -> None:
+        _check_sampler_name(self.name, f"{path}.name")
         require(1 <= self.steps <= MAX_STEPS, f"{path}.steps", f"{self.steps} is out of range; allowed: 1..{MAX_STEPS}")
         require(0.0 <= self.eta <= 1.0, f"{path}.eta", f"{self.eta} is out of range; allowed: 0..1")
         require(0.0 <= self.guidance <= 30.0, f"{path}.guidance", f"{self.guidance} is out of range; allowed: 0..30")
@@ -38,12 +44,14 @@ class SamplerSpec:
 class SamplerOverride:
     """Per-class changes to the recipe's sampler; unset fields keep the recipe's value."""
 
-    name: Optional[Literal["ddpm", "ddim", "dpmpp2m"]] = None
+    name: Optional[str] = None  # a name from the sampler registry
     steps: Optional[int] = None
     eta: Optional[float] = None
     guidance: Optional[float] = None
 
     def apply(self, base: SamplerSpec, path: str) -> SamplerSpec:
+        if self.name is not None:
+            _check_sampler_name(self.name, f"{path}.name")
         spec = SamplerSpec(
             name=self.name or base.name,
             steps=base.steps if self.steps is None else self.steps,

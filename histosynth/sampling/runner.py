@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from histosynth.configio import to_dict
-from histosynth.diffusion.samplers import classifier_free_guidance, sample
+from histosynth.diffusion.samplers import classifier_free_guidance, get_sampler, sample
 from histosynth.diffusion.schedule import NoiseSchedule
 from histosynth.errors import InputError, RunError
 from histosynth.sampling.plan import ImageNoise, Item, Plan, Shard
@@ -245,7 +245,7 @@ def generate_batch(backend, schedule: NoiseSchedule, items: list[Item], latent_s
     guidance = torch.tensor([it.sampler.guidance for it in items], dtype=torch.float32)
     denoise = classifier_free_guidance(backend.denoise, guidance, null_id)
     s = items[0].sampler
-    stochastic = s.name == "ddpm" or s.eta > 0
+    stochastic = get_sampler(s.name).stochastic(s.eta)
     latents = sample(denoise, schedule, x_T, class_ids, sampler=s.name, steps=s.steps, eta=s.eta,
                      randn=(lambda i: noise.draw()) if stochastic else None, on_step=on_step)
     return backend.decode(latents)
