@@ -17,6 +17,31 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
 
+def _flags_show_no_type() -> None:
+    """Show boolean flags in `--help` without a type column (`--dry-run`, not `--dry-run <bool>`).
+
+    Typer's rich help prints a type for every option, so a flag read as if it took a value. Typer has no
+    setting for this and builds its option class itself, so its one display hook is wrapped, once, for all
+    commands; typers without the hook print no flag types anyway.
+    """
+    from typer.core import TyperOption
+
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None or getattr(original, "flags_show_no_type", False):
+        return
+
+    def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
+        if self.is_flag and not self.count:
+            return None
+        return original(self, ctx)
+
+    display_type_rich.flags_show_no_type = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_show_no_type()
+
+
 def handle_errors(fn: F) -> F:
     """Print `InputError` (exit 2) and `RunError`/`OSError` (exit 1) as one clear line, no traceback.
 
