@@ -46,6 +46,27 @@ def test_info_without_bundle_shows_versions_and_active_providers() -> None:
     assert "providers (active)" in out and "CPUExecutionProvider" in out
 
 
+def test_info_names_onnxruntime_once_and_lists_only_local_providers_as_active() -> None:
+    from importlib import metadata
+
+    from histosynth.sampling.backends import available_providers, environment_info
+
+    info = environment_info()
+    installed = {d: v for d in ("onnxruntime", "onnxruntime-gpu") if (v := _version(metadata, d))}
+    if list(installed) == ["onnxruntime"]:
+        assert info["onnxruntime"] == installed["onnxruntime"]  # not "onnxruntime 1.x" under the name onnxruntime
+    active = info["ONNX Runtime providers (active)"].split(", ")
+    assert "AzureExecutionProvider" not in active and "CPUExecutionProvider" in active
+    assert set(active) <= set(available_providers())
+
+
+def _version(metadata, dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def test_info_describes_a_bundle(bundle_dir: Path) -> None:
     result = runner.invoke(app, ["info", str(bundle_dir)])
     assert result.exit_code == 0, result.output

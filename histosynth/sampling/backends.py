@@ -23,6 +23,9 @@ BACKENDS = ("auto", "onnx", "torch")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _CUDA_EP = "CUDAExecutionProvider"
 _CPU_EP = "CPUExecutionProvider"
+# Providers that run no model on this machine: Azure forwards requests to a remote endpoint, yet ORT reports
+# it as active in every session of the standard wheel. They are never what runs a bundle.
+_REMOTE_EPS = frozenset({"AzureExecutionProvider"})
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -196,9 +199,9 @@ def available_providers() -> list[str]:
 
 
 def active_providers() -> list[str]:
-    """Providers that really run: a one-node ONNX model is loaded with every available provider.
+    """Providers that really run here: a one-node ONNX model is loaded with every available local provider.
 
-    ORT drops a provider whose libraries fail to load (a GPU build without CUDA/cuDNN, no GPU), so
+    Remote providers (Azure) run no model on this machine and are left out. ORT drops a provider whose libraries fail to load (a GPU build without CUDA/cuDNN, no GPU), so
     `get_providers()` of a live session is the truth; `available_providers()` is only the wish list.
     """
     import onnx
@@ -213,8 +216,8 @@ def active_providers() -> list[str]:
     onnx.checker.check_model(model)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failing provider must not spam; its absence is the answer
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                   providers=ort.get_available_providers())
+    local = [p for p in ort.get_available_providers() if p not in _REMOTE_EPS]
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=local)
     return list(session.get_providers())
 
 
@@ -231,14 +234,18 @@ def environment_info() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             return None
 
-    ort_builds = [f"{d} {v}" for d in ("onnxruntime", "onnxruntime-gpu") if (v := version(d))]
+    ort_builds = {d: v for d in ("onnxruntime", "onnxruntime-gpu") if (v := version(d))}
+    if list(ort_builds) == ["onnxruntime"]:
+        ort_text = ort_builds["onnxruntime"]  # the row's name already says which package
+    else:  # the GPU build, or both: name each distribution
+        ort_text = ", ".join(f"{v} ({d})" for d, v in ort_builds.items())
     info = {
         "histosynth": histosynth.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnx": version("onnx") or "not installed",
         # Both builds installed at once is a broken setup (they share the module); show it plainly.
-        "onnxruntime": ", ".join(ort_builds) or "not installed",
+        "onnxruntime": ort_text or "not installed",
         "torch devices": ", ".join(["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
                                               for i in range(torch.cuda.device_count())]),
     }
