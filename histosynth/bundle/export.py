@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,10 +41,11 @@ from histosynth.bundle.manifest import (
 )
 from histosynth.bundle.modules import BundleDecoder
 from histosynth.bundle.store import sha256_file
-from histosynth.configio import from_dict, load_yaml, to_dict
+from histosynth.configio import from_dict, to_dict
 from histosynth.diffusion.schedule import ScheduleConfig
 from histosynth.diffusion.unet import UNet, UNetConfig
 from histosynth.errors import InputError, RunError
+from histosynth.labels import read_label_map
 from histosynth.runtime.weights import load_checkpoint, load_state_dict, save_checkpoint
 
 ONNX_OPSET = 17
@@ -123,6 +124,8 @@ def export_bundle(
     out_dir: str | Path,
     *,
     class_names: list[str],
+    class_labels: Sequence[Optional[str]] | None = None,
+    class_label_names: Sequence[Optional[str]] | None = None,
     schedule_config: ScheduleConfig,
     latent_scale: float,
     tile_size: int,
@@ -136,7 +139,8 @@ def export_bundle(
     """Write a complete, verified bundle to `out_dir` and return an `ExportReport`.
 
     `vqgan` may be the full autoencoder or just its `LatentDecoder`; only the decoder half is written.
-    `class_names[i]` names UNet class id `i`. Raises `InputError` for inconsistent arguments and `RunError`
+    `class_names[i]` names UNet class id `i`; `class_labels[i]` / `class_label_names[i]` (optional) record the
+    lab's label value and its name that class `i` stands for (the label map's `label`, `label_name`). Raises `InputError` for inconsistent arguments and `RunError`
     when ONNX Runtime disagrees with torch by more than `tolerance` (nothing is written then).
     """
     start = time.perf_counter()
@@ -151,6 +155,11 @@ def export_bundle(
         raise InputError(
             f"labels: {len(class_names)} class names for a UNet trained on {unet_config.num_classes} classes"
         )
+    labels_of = list(class_labels) if class_labels is not None else [None] * len(class_names)
+    label_names_of = list(class_label_names) if class_label_names is not None else [None] * len(class_names)
+    if len(labels_of) != len(class_names) or len(label_names_of) != len(class_names):
+        raise InputError(f"labels: {len(labels_of)} labels and {len(label_names_of)} label names for "
+                         f"{len(class_names)} classes; give one (or None) per class")
     if list(class_names) != sorted(class_names):
         raise InputError(
             f"labels: class ids must follow the sorted order of names (got {', '.join(class_names)}), so that "
@@ -184,7 +193,8 @@ def export_bundle(
         latent_shape=latent_shape,
         latent_scale=float(latent_scale),
         schedule=schedule_config,
-        classes=[ClassEntry(i, name) for i, name in enumerate(class_names)],
+        classes=[ClassEntry(i, name, label, label_name)
+                 for i, (name, label, label_name) in enumerate(zip(class_names, labels_of, label_names_of))],
         null_id=unet_config.num_classes,
         files={name: "0" * 64 for name in (UNET_ONNX, DECODER_ONNX, UNET_WEIGHTS, DECODER_WEIGHTS)},
         provenance=provenance,
@@ -261,44 +271,6 @@ def export_bundle(
 # From training checkpoints
 
 
-@dataclass(frozen=True)
-class LabelMap:
-    """The final label map from `review apply`: the classes, and everything else kept as provenance."""
-
-    classes: list[ClassEntry]
-    extra: dict[str, Any]
-
-
-def read_label_map(path: str | Path) -> LabelMap:
-    """Read a label map (YAML or JSON, see docs/bundle.md); ids must be 0..n-1, names unique."""
-    p = Path(path)
-    data = load_yaml(p)  # JSON is YAML; errors name the file
-    if not isinstance(data, dict) or "classes" not in data:
-        raise InputError(f"{p}: a label map needs a top-level 'classes' list of {{id, name}}")
-    raw = data["classes"]
-    if not isinstance(raw, list) or not raw:
-        raise InputError(f"{p}: classes: expected a non-empty list of {{id, name}}")
-    entries = []
-    for i, item in enumerate(raw):
-        if not isinstance(item, dict):
-            raise InputError(f"{p}: classes[{i}]: expected a mapping with 'id' and 'name', got {item!r}")
-        # Only id and name define a class; other per-class keys (e.g. merged clusters) stay in provenance.
-        entries.append(from_dict(ClassEntry, {k: item.get(k) for k in ("id", "name") if k in item},
-                                 f"{p}: classes[{i}]"))
-    entries.sort(key=lambda e: e.id)
-    ids = [e.id for e in entries]
-    if ids != list(range(len(ids))):
-        raise InputError(f"{p}: classes: ids must be 0..{len(ids) - 1}, each once; got {sorted(ids)}")
-    names = [e.name for e in entries]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise InputError(f"{p}: classes: duplicate names {', '.join(dupes)}")
-    extra = {k: v for k, v in data.items() if k != "classes"}
-    if any(set(item) - {"id", "name"} for item in raw):
-        extra["classes"] = raw
-    return LabelMap(entries, extra)
-
-
 def _pick(key: str, override: Any, *sources: Mapping[str, Any]) -> Any:
     if override is not None:
         return override
@@ -372,6 +344,8 @@ def export_from_checkpoints(
     return export_bundle(
         decoder, unet, out_dir,
         class_names=[c.name for c in labels.classes],
+        class_labels=[c.label for c in labels.classes],
+        class_label_names=[c.label_name for c in labels.classes],
         schedule_config=schedule,
         latent_scale=float(scale),
         tile_size=int(tile),

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from histosynth.configio import from_dict, require, to_dict
 from histosynth.diffusion.schedule import ScheduleConfig
@@ -33,6 +33,8 @@ DECODER_OUTPUT = "images"  # float32 (N,3,H,W) in [-1, 1]
 
 # Class names become folder names in `generate`'s output, so they must be safe path components.
 _FORBIDDEN_IN_NAMES = set('/\\:*?"<>|') | {chr(c) for c in range(32)}
+# Class-entry keys written only when set (added within format version 1).
+_OPTIONAL_CLASS_KEYS = ("label", "label_name")
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,17 @@ class ClassEntry:
 
     id: int  # row of the UNet class embedding, 0..num_classes-1
     name: str  # unique; used as the output folder name by `generate`
+    # The lab's label this class stands for (from the label map, see docs/labels.md): the raw value of the
+    # label column as a string (e.g. "1") and its name (e.g. "tumour"). Absent in older bundles, and left
+    # out of manifest.json when unset, so unlabelled bundles stay readable by older histosynth versions.
+    label: Optional[str] = None
+    label_name: Optional[str] = None
 
     def validate(self, path: str) -> None:
         require(self.id >= 0, f"{path}.id", f"must be >= 0, got {self.id}")
+        require(self.label is None or self.label != "", f"{path}.label", "must be a non-empty string or absent")
+        require(self.label_name is None or self.label is not None, f"{path}.label_name",
+                "needs a label (the raw value it names)")
         require(self.name.strip() == self.name and self.name != "", f"{path}.name",
                 "must be non-empty without leading/trailing spaces")
         require(self.name not in (".", "..") and not (set(self.name) & _FORBIDDEN_IN_NAMES), f"{path}.name",
@@ -121,7 +131,10 @@ class Manifest:
 
     def to_json(self) -> str:
         """The manifest as pretty, key-sorted JSON text (stable bytes, so its hash is stable)."""
-        return json.dumps(to_dict(self), indent=2, sort_keys=True) + "\n"
+        data = to_dict(self)
+        data["classes"] = [{k: v for k, v in c.items() if v is not None or k not in _OPTIONAL_CLASS_KEYS}
+                           for c in data["classes"]]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def replace(self, **changes: Any) -> "Manifest":
         """A copy with some fields changed (the exporter fills `files` last)."""

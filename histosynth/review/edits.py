@@ -16,16 +16,15 @@ class_id, class_name) for conditional training; excluded tiles are left out of t
 
 from __future__ import annotations
 
-import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 from histosynth.configio import from_dict, load_yaml
 from histosynth.errors import InputError
+from histosynth.labels import LabelClass, LabelMap, write_label_map
 
 _BAD_NAME = re.compile(r'[/\\:*?"<>|]')  # names become output folder names of `generate`
 
@@ -53,26 +52,6 @@ class ReviewEdits:
     clusters: dict[int, ClusterEdit]
     merges: list[list[int]] = field(default_factory=list)
     moves: list[TileMove] = field(default_factory=list)
-
-
-@dataclass
-class LabelClass:
-    """One class of the conditional model."""
-
-    id: int
-    name: str
-    clusters: list[int]  # original cluster ids merged into it
-    tiles: int  # tiles with this class after moves
-
-
-@dataclass
-class LabelMap:
-    """Final classes, the cluster -> class mapping and every kept tile's class."""
-
-    classes: list[LabelClass]
-    cluster_to_class: dict[int, int | None]  # None: excluded
-    tile_labels: list[tuple[str, int]]  # (tile, class id); excluded tiles are absent
-    excluded_tiles: int
 
 
 def load_edits(path: Path) -> ReviewEdits:
@@ -174,35 +153,6 @@ def apply_review(assignments: Sequence[dict[str, Any]], edits: ReviewEdits, k: i
             raise InputError(f"clusters.{lead}: class {names[lead]!r} has no tiles; exclude it")
     classes = [LabelClass(class_id[lead], names[lead], members[lead], counts[class_id[lead]]) for lead in kept]
     return LabelMap(classes, cluster_to_class, tile_labels, excluded_tiles)
-
-
-def write_label_map(label_map: LabelMap, out: Path, provenance: dict[str, Any] | None = None) -> Path:
-    """Write the label map YAML at `out` and `<stem>_tiles.csv` beside it; returns the CSV path."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tiles_csv = out.with_name(f"{out.stem}_tiles.csv")
-    names = {c.id: c.name for c in label_map.classes}
-    data = {
-        "classes": [{"id": c.id, "name": c.name, "clusters": c.clusters, "tiles": c.tiles}
-                    for c in label_map.classes],
-        # cluster id -> class name (null: excluded), the table joint IMC training maps head outputs with.
-        "clusters": {c: (names[i] if i is not None else None) for c, i in label_map.cluster_to_class.items()},
-        "K": len(label_map.cluster_to_class),
-        "tile_labels": tiles_csv.name,
-        "excluded_tiles": label_map.excluded_tiles,
-        **(provenance or {}),
-    }
-    tmp = tiles_csv.with_name(tiles_csv.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["tile", "class_id", "class_name"])
-        for tile, cls in label_map.tile_labels:
-            w.writerow([tile, cls, names[cls]])
-    tmp.replace(tiles_csv)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    tmp.replace(out)
-    return tiles_csv
 
 
 def review_apply(edits_path: Path, cluster_dir: Path, out: Path) -> tuple[LabelMap, Path]:
