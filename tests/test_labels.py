@@ -120,3 +120,36 @@ def test_manifest_class_labels_old_and_bad() -> None:
     shipped["classes"][0]["label_name"] = "tumour"
     with pytest.raises(InputError, match=r"manifest\.classes\[0\]\.label_name: needs a label"):
         manifest_from_dict(shipped)
+
+
+# ---------------------------------------------------------------------------------------------- the readers
+
+
+def _split_map(tmp_path: Path) -> Path:
+    lm = LabelMap([LabelClass(0, "a_0", [0], 2, "0"), LabelClass(1, "a_1", [0], 2, "1"), LabelClass(2, "b", [1], 3)],
+                  {0: [0, 1], 1: 2, 2: None})
+    write_label_map(lm, tmp_path / "lm.yaml")
+    return tmp_path / "lm.yaml"
+
+
+def test_joint_imc_cluster_table_refuses_a_split(tmp_path: Path) -> None:
+    from histosynth.diffusion.train import _cluster_map, load_ldm_config
+
+    path = _split_map(tmp_path)
+    with pytest.raises(InputError, match=r"clusters\.0: the cluster is split into a_0, a_1; joint IMC cannot"):
+        _cluster_map(load_ldm_config({"latents": "x", "label_map": str(path)}), 3, ["a_0", "a_1", "b"])
+    write_label_map(LabelMap([LabelClass(0, "a", [0, 2]), LabelClass(1, "b", [1])], {0: 0, 1: 1, 2: 0, 3: None}),
+                    path)
+    table = _cluster_map(load_ldm_config({"latents": "x", "label_map": str(path)}), 4, ["a", "b"])
+    assert table.tolist() == [0, 1, 0, -1]
+
+
+def test_control_cluster_map_excluded_and_split(tmp_path: Path) -> None:
+    from histosynth.evaluate.control import read_cluster_map
+
+    assert read_cluster_map(_split_map(tmp_path)) == {0: "a_0 | a_1", 1: "b"}  # 2 excluded: unmapped
+    (tmp_path / "bare.yaml").write_text("clusters: {0: stroma, 1: null, 2: fat}\n")
+    assert read_cluster_map(tmp_path / "bare.yaml") == {0: "stroma", 2: "fat"}
+    (tmp_path / "none.yaml").write_text("classes: [{id: 0, name: a}]\n")
+    with pytest.raises(InputError, match="no 'clusters' table"):
+        read_cluster_map(tmp_path / "none.yaml")

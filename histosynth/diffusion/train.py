@@ -44,6 +44,7 @@ from histosynth.diffusion.samplers import sample as run_sampler
 from histosynth.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from histosynth.diffusion.unet import UNet, UNetConfig
 from histosynth.errors import InputError, RunError
+from histosynth.labels import read_label_map
 from histosynth.runtime import dist
 from histosynth.runtime.checkpointing import (
     TrainState,
@@ -422,9 +423,7 @@ def train_cldm(config: LDMTrainConfig, run_dir: str | Path, *, progress: bool = 
 def _class_count(config: LDMTrainConfig, labels: Optional[np.ndarray], head_k: Optional[int]) -> tuple[int, list[str]]:
     names: list[str] = []
     if config.label_map is not None:
-        from histosynth.bundle.export import read_label_map
-
-        names = [c.name for c in read_label_map(config.label_map).classes]
+        names = read_label_map(config.label_map).names
     if names:
         n = len(names)
     elif labels is not None:
@@ -443,25 +442,20 @@ def _cluster_map(config: LDMTrainConfig, k: int, names: list[str]) -> Optional[t
     """cluster id -> class id (-1 = excluded) from the label map's `clusters` table, for joint IMC."""
     if config.label_map is None:
         return None
-    from histosynth.configio import load_yaml
-
-    data = load_yaml(config.label_map)
-    table = data.get("clusters") if isinstance(data, dict) else None
-    if not isinstance(table, dict):
+    label_map = read_label_map(config.label_map)  # checks that the table names classes
+    if not label_map.cluster_to_class:
         raise InputError(f"{config.label_map}: joint_imc needs a 'clusters' table (cluster id -> class name)")
     out = torch.full((k,), -1, dtype=torch.long)
-    for cluster, name in table.items():
-        try:
-            c = int(cluster)
-        except (TypeError, ValueError):
-            raise InputError(f"{config.label_map}: clusters: key {cluster!r} is not a cluster id") from None
+    for c, classes in label_map.cluster_classes().items():
         if not 0 <= c < k:
             raise InputError(f"{config.label_map}: clusters: cluster {c} is outside the head's 0..{k - 1}")
-        if name is None:
-            continue
-        if name not in names:
-            raise InputError(f"{config.label_map}: clusters.{c}: {name!r} is not a class; classes: {', '.join(names)}")
-        out[c] = names.index(name)
+        if len(classes) > 1:
+            # The head gives one cluster per tile, so it cannot say which part of a split cluster a tile is.
+            raise InputError(f"{config.label_map}: clusters.{c}: the cluster is split into "
+                             f"{', '.join(label_map.names[i] for i in classes)}; joint IMC cannot follow a split: "
+                             "train on the per-tile labels instead (labels: <label map>_tiles.csv, joint_imc: false)")
+        if classes:
+            out[c] = names.index(label_map.names[classes[0]])
     return out
 
 

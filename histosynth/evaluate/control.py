@@ -27,6 +27,7 @@ from histosynth.configio import load_yaml
 from histosynth.errors import InputError
 from histosynth.evaluate.features import IMAGE_SUFFIXES, read_rgb
 from histosynth.evaluate.recon import images_to_tensor
+from histosynth.labels import parse_cluster_table, read_label_map
 
 UNMAPPED = "unmapped"
 
@@ -75,18 +76,25 @@ def generated_tiles(folder: str | Path, max_per_class: int | None = None) -> tup
 
 
 def read_cluster_map(path: str | Path) -> dict[int, str]:
-    """``{cluster_id: class_name}`` from a label map's ``clusters`` entry (or a bare mapping)."""
+    """``{cluster_id: class_name}`` from a label map's ``clusters`` table (or a bare ``clusters:`` mapping).
+
+    An excluded cluster (null) maps to no class, so its tiles count as ``unmapped``. A cluster the expert
+    split maps to the column ``"a | b"``: the head cannot tell the parts apart, so a tile generated for
+    ``a`` that lands there is not counted as correct (use the classifier assigner for label splits).
+    """
     data = load_yaml(path)
-    if isinstance(data, dict) and "clusters" in data:
-        data = data["clusters"]
-    if not isinstance(data, dict) or not data:
-        raise InputError(f"{path}: expected 'clusters: {{cluster_id: class_name, ...}}'")
-    out = {}
-    for key, name in data.items():
-        try:
-            out[int(key)] = str(name)
-        except (TypeError, ValueError):
-            raise InputError(f"{path}.clusters: key {key!r} is not an integer cluster id") from None
+    if isinstance(data, dict) and "classes" in data:
+        lm = read_label_map(path)  # a full label map: its table is checked against the classes
+        if not lm.cluster_to_class:
+            raise InputError(f"{path}: no 'clusters' table (cluster id -> class name); `review apply` writes one")
+        table = {c: [lm.names[i] for i in ids] for c, ids in lm.cluster_classes().items()}
+    else:
+        bare = data["clusters"] if isinstance(data, dict) and "clusters" in data else data
+        table = {c: [] if t is None else [t] if isinstance(t, str) else t
+                 for c, t in parse_cluster_table(bare, f"{path}: clusters").items()}
+    out = {c: " | ".join(names) for c, names in table.items() if names}
+    if not out:
+        raise InputError(f"{path}: clusters: every cluster is excluded; nothing to map tiles to")
     return out
 
 
