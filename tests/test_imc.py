@@ -12,6 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from histosynth.clusters.features import FeatureScaler, feature_blocks, latent_features
 from histosynth.clusters.imc import IMCConfig, IMCHead, im_loss, load_imc_config, train_imc
+from histosynth.clusters.methods import METHODS, get_method
 from histosynth.clusters.select import ClusterSearchConfig, search_k
 from histosynth.errors import InputError
 
@@ -71,10 +72,15 @@ def test_imc_is_deterministic_given_seed() -> None:
 
 
 def test_marginal_term_prevents_collapse() -> None:
-    # Without the marginal entropy (mu = 0) nothing stops one cluster taking every tile; with it all K are used.
+    # Without the marginal entropy (mu = 0) nothing stops clusters from emptying (confident assignments and
+    # augmentation consistency are both satisfied by fewer clusters); with it (mu = 4) all K are used.
     x, _ = _blobs(n=200)
-    used = len(torch.unique(train_imc(x, 4, IMCConfig(steps=200, hidden=32), seed=0).assign(x)))
-    assert used == 4
+    for seed in (0, 1, 2):
+        collapsed = torch.bincount(train_imc(x, 4, IMCConfig(steps=200, hidden=32, mu=0.0), seed=seed).assign(x),
+                                   minlength=4)
+        assert (collapsed == 0).any(), f"mu=0, seed {seed}: sizes {collapsed.tolist()} use every cluster"
+        sizes = torch.bincount(train_imc(x, 4, IMCConfig(steps=200, hidden=32), seed=seed).assign(x), minlength=4)
+        assert (sizes > 0).all(), f"mu=4, seed {seed}: sizes {sizes.tolist()}"
     _, cond, marg = im_loss(torch.tensor([[10.0, -10.0], [-10.0, 10.0]]), mu=1.0)
     assert cond.item() == pytest.approx(0.0, abs=1e-6) and marg.item() == pytest.approx(np.log(2))
 
@@ -123,6 +129,34 @@ def test_search_k_picks_true_k_on_blobs() -> None:
     assert adjusted_rand_score(y, search.labels[("imc", 4)]) > 0.9
     km = search_k(x, ClusterSearchConfig(k_min=2, k_max=6, method="kmeans"))
     assert km.k == 4 and {r["method"] for r in km.table} == {"kmeans"}
+
+
+def test_search_table_reports_size_balance() -> None:
+    x, _ = _blobs(n=300, k=4, d=6)
+    search = search_k(x, ClusterSearchConfig(k_min=2, k_max=5, method="kmeans"))
+    for row in search.table:
+        sizes = np.bincount(search.labels[("kmeans", row["k"])], minlength=row["k"])
+        assert row["size_ratio"] == pytest.approx(sizes.min() / sizes.max())
+        p = sizes / sizes.sum()
+        assert row["size_entropy"] == pytest.approx(-(p * np.log(p)).sum() / np.log(row["k"]))
+    assert next(r for r in search.table if r["k"] == 4)["size_entropy"] > 0.99  # four blobs of 75
+
+
+def test_method_registry() -> None:
+    assert list(METHODS) == ["imc", "kmeans"]
+    with pytest.raises(InputError, match="--method: unknown value 'gmm'; allowed: imc, kmeans"):
+        get_method("gmm")
+    with pytest.raises(InputError, match="cluster.method: unknown value 'gmm'; allowed: imc, kmeans"):
+        search_k(torch.zeros(20, 2), ClusterSearchConfig(method="gmm"))
+    # The baseline is fitted beside another method only, and each fit gives labels and soft assignments.
+    assert ClusterSearchConfig(method="kmeans").methods() == ["kmeans"]
+    assert ClusterSearchConfig(compare_kmeans=False).methods() == ["imc"]
+    x, _ = _blobs(n=120, k=3, d=4)
+    for name in METHODS:
+        fit = get_method(name).fit(x, 3, ClusterSearchConfig(seeds=[0], imc=FAST), None)
+        probs = fit.probs(x)
+        assert probs.shape == (120, 3) and torch.allclose(probs.sum(1), torch.ones(120), atol=1e-5)
+        assert np.array_equal(probs.argmax(1).numpy(), fit.labels)
 
 
 def test_search_config_errors() -> None:

@@ -10,7 +10,7 @@ from sklearn.datasets import make_blobs
 
 from histosynth.clusters.select import choose_k
 from histosynth.clusters.validity import (
-    c_index, compute_indices, dunn, hartigan, mcclain_rao, pick_k, subsample, within_ss,
+    c_index, compute_indices, dunn, hartigan, mcclain_rao, monotone, pick_k, size_balance, subsample, within_ss,
 )
 from histosynth.errors import InputError
 
@@ -116,6 +116,58 @@ def test_choose_k_majority_vote_and_tie_to_smaller() -> None:
     assert choose_k(table, "dunn").k == 4
     with pytest.raises(InputError, match="rule"):
         choose_k(table, "vote")
+
+
+def _row(k: int, ch: float, ci: float, du: float, hd: float, mr: float) -> dict:
+    return {"method": "imc", "k": k, "calinski_harabasz": ch, "c_index": ci, "dunn": du,
+            "hartigan": 0.0, "hartigan_drop": hd, "mcclain_rao": mr}
+
+
+def test_monotone_detection() -> None:
+    ks = [2, 3, 4, 5]
+    assert monotone(ks, [0.5, 0.4, 0.3, 0.1]) == "falls"
+    assert monotone(ks[::-1], [0.5, 0.4, 0.3, 0.1]) == "rises"  # sorted by K first
+    assert monotone(ks, [1.0, 2.0, 2.0, 3.0]) is None  # a flat step is not strictly monotone
+    assert monotone(ks, [1.0, 3.0, 2.0, 4.0]) is None
+    assert monotone(ks[:3], [3.0, 2.0, 1.0]) is None  # three values: too few to tell
+    assert monotone(ks + [6], [5.0, math.nan, 3.0, 2.0, 1.0]) == "falls"  # NaN ignored
+
+
+def test_size_balance_hand_worked() -> None:
+    # Sizes 1, 1, 2 of K = 3: ratio 1/2; p = (1/4, 1/4, 1/2), H = 1.5 ln 2, over ln 3.
+    b = size_balance(np.array([0, 1, 2, 2]), 3)
+    assert b["size_ratio"] == pytest.approx(0.5)
+    assert b["size_entropy"] == pytest.approx(1.5 * math.log(2) / math.log(3))
+    assert size_balance(np.array([0, 1, 0, 1]), 2) == {"size_ratio": 1.0, "size_entropy": pytest.approx(1.0)}
+    assert size_balance(np.array([0, 0, 1]), 3)["size_ratio"] == 0.0  # cluster 2 is empty
+
+
+def test_monotone_index_does_not_vote() -> None:
+    # C-index and McClain-Rao fall over K = 2..6 and both pick 6; CH -> 3, Dunn -> 4, Hartigan -> 5.
+    # Counting them, K = 6 would win 2 votes to 1; without them the three others tie, and 3 is the smaller.
+    table = [_row(2, 5, 0.50, 1, 1, 0.9), _row(3, 9, 0.40, 2, 2, 0.8), _row(4, 7, 0.30, 5, 3, 0.7),
+             _row(5, 6, 0.20, 3, 8, 0.6), _row(6, 4, 0.10, 2, 4, 0.5)]
+    choice = choose_k(table)
+    assert choice.k == 3
+    assert choice.monotone == {"c_index": "falls", "mcclain_rao": "falls"}
+    assert choice.votes["c_index"] == 6 and "c_index -> 6 (falls with K: no vote)" in choice.rule
+    assert "1/3 votes for K=3" in choice.rule and choice.warnings == []
+
+
+def test_edge_warnings_and_all_monotone_fallback() -> None:
+    # Every index rises or falls towards K = 6: they all vote, with a warning, and K = 6 is at the range's end.
+    table = [_row(k, 10 * k, 1 / k, k, k, 1 / k) for k in range(2, 7)]
+    choice = choose_k(table)
+    assert choice.k == 6 and len(choice.monotone) == 5
+    assert any("every index rises or falls" in w for w in choice.warnings)
+    assert any("largest K tried" in w for w in choice.warnings)
+    # K = 2 at k_min = 2 cannot be widened below; at k_min = 3 the smallest K is an edge to warn about.
+    falling = [_row(k, 10 / k, 0.5, 1.0 if k != 4 else 2.0, 1 / k, 0.5) for k in range(2, 6)]
+    assert choose_k(falling, "calinski_harabasz").k == 2
+    assert not any("smallest K" in w for w in choose_k(falling, "calinski_harabasz").warnings)
+    assert any("falls with K over the whole range" in w for w in choose_k(falling, "calinski_harabasz").warnings)
+    above = [_row(k, 10 / k, 0.5, 1.0, 1 / k, 0.5) for k in range(3, 7)]
+    assert any("smallest K tried" in w for w in choose_k(above, "calinski_harabasz").warnings)
 
 
 def test_subsample_is_fixed_and_bounded() -> None:

@@ -75,22 +75,25 @@ class FeatureScaler:
     weight: list[float]  # per-column block weight, 1/sqrt(size of the column's block)
 
     @classmethod
-    def fit(cls, features: torch.Tensor, channels: int | None = None) -> "FeatureScaler":
-        """Fit on raw features `(N, D)`; pass `channels` for block weights of `latent_features` output."""
+    def fit(cls, features: torch.Tensor, channels: int | None = None,
+            blocks: list[int] | None = None) -> "FeatureScaler":
+        """Fit on raw features `(N, D)`; pass `channels` for block weights of `latent_features` output, or
+        the block sizes `blocks` of any other features (feature_kinds.py); neither: every weight is 1."""
         if features.ndim != 2 or features.shape[0] < 2:
             raise InputError(f"features: expected shape (N >= 2, D), got {tuple(features.shape)}")
         f = features.double()
         mean = f.mean(dim=0)
         std = f.std(dim=0).clamp_min(1e-6)
         d = features.shape[1]
-        if channels is None:
+        if channels is not None:
+            blocks = [size for _, size in feature_blocks(channels) if size]
+        if blocks is None:
             weight = [1.0] * d
         else:
-            weight = []
-            for _, size in feature_blocks(channels):
-                weight += [1.0 / math.sqrt(size)] * size if size else []
+            weight = [w for size in blocks for w in [1.0 / math.sqrt(size)] * size]
             if len(weight) != d:
-                raise InputError(f"features: {d} columns do not match latent_features of {channels} channels")
+                what = f"latent_features of {channels} channels" if channels is not None else f"blocks {blocks}"
+                raise InputError(f"features: {d} columns do not match {what}")
         return cls(mean=mean.tolist(), std=std.tolist(), weight=weight)
 
     def transform(self, features: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from histosynth.clusters.features import FeatureScaler, latent_features
+from histosynth.clusters.fileio import atomic_path, write_text
 from histosynth.configio import from_dict, require
 from histosynth.errors import InputError, RunError
 
@@ -45,7 +46,10 @@ class IMCConfig:
     batch_size: int = 512  # large batches make the batch-mean marginal a good estimate of p(y)
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 1e-4  # Adam weight decay
-    mu: float = 4.0  # weight of the marginal entropy H(Y) (IMSAT's 4); at 2 some seeds merge two blobs
+    # Weight of the marginal entropy H(Y) (IMSAT's mu = 4): it pushes towards equal cluster sizes. At 0
+    # nothing stops clusters from emptying; at 2 some seeds merge two blobs; large values force equal
+    # sizes even where tissue types are not equally common.
+    mu: float = 4.0
     lam: float = 1.0  # weight of the consistency (augmentation) term
     noise_std: float = 0.1  # std of gaussian noise added to standardised features in the augmentation
     feature_dropout: float = 0.1  # probability of zeroing a feature in the augmentation
@@ -71,6 +75,8 @@ class IMCHead(nn.Module):
         if k < 1 or in_dim < 1:
             raise InputError(f"IMCHead: need in_dim >= 1 and k >= 1, got in_dim={in_dim}, k={k}")
         self.in_dim, self.k, self.hidden = in_dim, k, hidden
+        # The feature kind the head was trained on (feature_kinds.py); only latent_features heads map latents.
+        self.feature_kind = "latent_features"
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, k))
         # Raw-feature scaler (identity until `set_scaler`); used only by `logits_from_latents`.
         self.register_buffer("feature_mean", torch.zeros(in_dim))
@@ -91,6 +97,10 @@ class IMCHead(nn.Module):
 
     def logits_from_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Logits `(N, K)` straight from VQ-GAN latents `(N, C, h, w)`; differentiable (joint training)."""
+        if self.feature_kind != "latent_features":
+            raise InputError(f"IMC head: trained on {self.feature_kind!r} features, so it cannot map VQ-GAN latents "
+                             "to clusters; joint IMC training and `evaluate control` need a head clustered with "
+                             "--features latent_features")
         features = latent_features(latents)
         return self((features - self.feature_mean) * self.feature_scale)
 
@@ -112,10 +122,11 @@ class IMCHead(nn.Module):
         """Write weights to `path` (.safetensors) and the architecture (+ training config) to `path`.json."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path))
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
         meta = {"format": HEAD_FORMAT, "in_dim": self.in_dim, "k": self.k, "hidden": self.hidden,
-                "config": asdict(config) if config else None}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+                "features": self.feature_kind, "config": asdict(config) if config else None}
+        write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "IMCHead":
@@ -131,6 +142,7 @@ class IMCHead(nn.Module):
         if meta.get("format") != HEAD_FORMAT:
             raise InputError(f"{meta_path}: format {meta.get('format')!r}; expected {HEAD_FORMAT!r}")
         head = cls(int(meta["in_dim"]), int(meta["k"]), int(meta["hidden"]))
+        head.feature_kind = str(meta.get("features", "latent_features"))  # heads saved before the field: latent
         try:
             head.load_state_dict(load_file(str(path)))
         except (RuntimeError, OSError) as e:

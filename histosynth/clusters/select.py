@@ -1,11 +1,15 @@
 """Choosing K: cluster the tile features for every K in a range, score each partition, vote, write it all.
 
-`search_k` fits, for each K in `k_min..k_max`, an IMC head (best of `seeds` restarts by the IM objective)
-and a k-means baseline on the same standardised features, and fills a validity table (one row per method
-and K). `choose_k` applies the rule; the default is a **majority vote of the paper's five indices**
-(Calinski-Harabasz max, C-index min, Dunn max, Hartigan largest drop, McClain-Rao min): each index votes
-for one K, the K with the most votes wins, ties go to the smaller K. `run_cluster` is what `histosynth
-cluster` calls: latent cache in, the cluster folder out (see `write_cluster_outputs` for its files).
+`search_k` fits, for each K in `k_min..k_max`, the configured clustering method (methods.py: IMC, best of
+`seeds` restarts by the IM objective, or k-means) and the k-means baseline on the same standardised
+features, and fills a validity table (one row per method and K, with cluster-size balance). `choose_k`
+applies the rule; the default is a **majority vote of the paper's five indices** (Calinski-Harabasz max,
+C-index min, Dunn max, Hartigan largest drop, McClain-Rao min): each index votes for one K, the K with the
+most votes wins, ties go to the smaller K. An index that moves one way over the whole range (validity.py
+`monotone`) does not vote: its pick would be an end of the range whatever the data. A K at the edge of the
+range is reported as a warning. `run_cluster` is what `histosynth cluster` calls: latent cache in, the
+cluster folder out (see `write_cluster_outputs` for its files); `--within-labels` runs it once per label
+group (within.py).
 """
 
 from __future__ import annotations
@@ -15,23 +19,27 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from sklearn.cluster import KMeans
 
-from histosynth.clusters.features import FeatureScaler, latent_features
-from histosynth.clusters.imc import IMCConfig, IMCHead, im_loss, train_imc
+from histosynth.clusters.feature_kinds import FeatureConfig, RawFeatures, compute_features
+from histosynth.clusters.features import FeatureScaler
+from histosynth.clusters.fileio import atomic_path, write_text
+from histosynth.clusters.imc import IMCConfig
+from histosynth.clusters.methods import BASELINE, METHODS, Fitted, get_method, method_names
 from histosynth.clusters.validity import (
-    ALL_INDICES, DIRECTION, HARTIGAN_THRESHOLD, PAPER_INDICES, compute_indices, hartigan, pick_k, within_ss,
+    ALL_INDICES, DIRECTION, HARTIGAN_THRESHOLD, PAPER_INDICES, compute_indices, hartigan, monotone, pick_k,
+    size_balance, within_ss,
 )
 from histosynth.configio import require, to_dict
 from histosynth.errors import InputError, RunError
 
 CLUSTER_FORMAT = "histosynth-clusters/1"
 RULES = ("majority",) + ALL_INDICES + ("hartigan_threshold",)
+BALANCE = ("size_ratio", "size_entropy")  # table columns of cluster-size balance (validity.size_balance)
 Progress = Callable[[int, int, str], None]  # (done, total, what is running now)
 
 
@@ -41,30 +49,39 @@ class ClusterSearchConfig:
 
     k_min: int = 2  # smallest K tried
     k_max: int = 10  # largest K tried
-    method: Literal["imc", "kmeans"] = "imc"  # whose partition is kept and whose table chooses K
-    compare_kmeans: bool = True  # with method imc, also score k-means on the same features (the baseline)
+    method: str = "imc"  # a name in methods.METHODS: whose partition is kept and whose table chooses K
+    compare_kmeans: bool = True  # with another method, also score k-means on the same features (the baseline)
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # IMC restarts (lowest IM objective kept); k-means seeds
     rule: str = "majority"  # majority | an index name | hartigan_threshold (see validity.py)
     max_points: int = 2000  # subsample size for the O(N^2) indices (C-index, Dunn, McClain-Rao, silhouette)
     imc: IMCConfig = field(default_factory=IMCConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)  # what is clustered (feature_kinds.py)
 
     def validate(self, path: str) -> None:
         """Cross-field checks for configio."""
         require(self.k_min >= 2, f"{path}.k_min", f"must be at least 2, got {self.k_min}")
         require(self.k_max >= self.k_min, f"{path}.k_max", f"must be >= k_min ({self.k_min}), got {self.k_max}")
+        require(self.method in METHODS, f"{path}.method", f"unknown value {self.method!r}; allowed: {method_names()}")
         require(len(self.seeds) >= 1, f"{path}.seeds", "needs at least one seed")
         require(self.rule in RULES, f"{path}.rule", f"unknown value {self.rule!r}; allowed: {', '.join(RULES)}")
         require(self.max_points >= 10, f"{path}.max_points", "must be at least 10")
         self.imc.validate(f"{path}.imc")
+        self.features.validate(f"{path}.features")
+
+    def methods(self) -> list[str]:
+        """The methods fitted: the chosen one, then the k-means baseline when asked for."""
+        return [self.method] + ([BASELINE] if self.compare_kmeans and self.method != BASELINE else [])
 
 
 @dataclass
 class KChoice:
-    """The chosen K, the rule in words, and each index's own pick."""
+    """The chosen K, the rule in words, each index's own pick, and what the user should know about it."""
 
     k: int
     rule: str
     votes: dict[str, int | None]
+    monotone: dict[str, str] = field(default_factory=dict)  # index -> "rises"/"falls" over the K range: no vote
+    warnings: list[str] = field(default_factory=list)  # e.g. the chosen K sits at the edge of the range
 
 
 @dataclass
@@ -72,34 +89,19 @@ class ClusterSearch:
     """Everything `search_k` found: the table, the choice, and every partition it scored."""
 
     config: ClusterSearchConfig
-    table: list[dict[str, Any]]  # rows: method, k, clusters_used, every index, wss, hartigan_drop
+    table: list[dict[str, Any]]  # rows: method, k, clusters_used, every index, wss, hartigan_drop, balance
     choice: KChoice
-    labels: dict[tuple[str, int], np.ndarray]  # (method, K) -> cluster id per tile
-    heads: dict[int, IMCHead]  # K -> IMC head (method imc)
-    centres: dict[int, np.ndarray]  # K -> k-means centres
+    fits: dict[tuple[str, int], Fitted]  # (method, K) -> the fitted partition
 
     @property
     def k(self) -> int:
         """The chosen K."""
         return self.choice.k
 
-
-def _fit_imc(x: torch.Tensor, k: int, config: ClusterSearchConfig,
-             views: torch.Tensor | None = None) -> tuple[IMCHead, np.ndarray]:
-    best, best_obj = None, math.inf
-    for seed in config.seeds:
-        head = train_imc(x, k, config.imc, seed=seed, views=views)
-        with torch.no_grad():
-            objective = float(im_loss(head(x), config.imc.mu)[0])  # on every tile, no augmentation
-        if objective < best_obj:
-            best, best_obj = head, objective
-    assert best is not None
-    return best, best.assign(x).numpy()
-
-
-def _fit_kmeans(x: np.ndarray, k: int, config: ClusterSearchConfig) -> tuple[np.ndarray, np.ndarray]:
-    km = KMeans(n_clusters=k, n_init=max(4, len(config.seeds)), random_state=config.seeds[0]).fit(x)
-    return km.cluster_centers_, km.labels_.astype(np.int64)
+    @property
+    def labels(self) -> dict[tuple[str, int], np.ndarray]:
+        """(method, K) -> cluster id per tile."""
+        return {key: fit.labels for key, fit in self.fits.items()}
 
 
 def search_k(features: torch.Tensor | np.ndarray, config: ClusterSearchConfig | None = None,
@@ -119,30 +121,26 @@ def search_k(features: torch.Tensor | np.ndarray, config: ClusterSearchConfig | 
     k_fit = list(range(max(2, config.k_min - 1), config.k_max + 2))
     if n < config.k_max + 2:
         raise InputError(f"k_max: {config.k_max} needs at least {config.k_max + 2} tiles, got {n}")
-    methods = ["imc", "kmeans"] if config.method == "imc" and config.compare_kmeans else [config.method]
+    methods = config.methods()
     xn = x.numpy().astype(np.float64)
     total, done = len(methods) * len(k_fit), 0
-    labels: dict[tuple[str, int], np.ndarray] = {}
-    heads: dict[int, IMCHead] = {}
-    centres: dict[int, np.ndarray] = {}
+    fits: dict[tuple[str, int], Fitted] = {}
     for method in methods:
+        fit = get_method(method).fit
         for k in k_fit:
             if on_progress:
                 on_progress(done, total, f"{method} K={k}")
-            if method == "imc":
-                heads[k], labels[(method, k)] = _fit_imc(x, k, config, views)
-            else:
-                centres[k], labels[(method, k)] = _fit_kmeans(xn, k, config)
+            fits[(method, k)] = fit(x, k, config, views)
             done += 1
     if on_progress:
         on_progress(done, total, "validity indices")
     table = []
     for method in methods:
         wss = {1: within_ss(xn, np.zeros(n, dtype=np.int64))}
-        wss.update({k: within_ss(xn, labels[(method, k)]) for k in k_fit})
+        wss.update({k: within_ss(xn, fits[(method, k)].labels) for k in k_fit})
         h = {k: hartigan(wss[k], wss[k + 1], n, k) for k in wss if k + 1 in wss}
         for k in range(config.k_min, config.k_max + 1):
-            lab = labels[(method, k)]
+            lab = fits[(method, k)].labels
             used = len(np.unique(lab))
             row: dict[str, Any] = {"method": method, "k": k, "clusters_used": used}
             if used >= 2:
@@ -151,16 +149,36 @@ def search_k(features: torch.Tensor | np.ndarray, config: ClusterSearchConfig | 
                 row.update({name: math.nan for name in ALL_INDICES if name != "hartigan"} | {"wss": wss[k]})
             row["hartigan"] = h[k]
             row["hartigan_drop"] = h[k - 1] - h[k]
+            row.update(size_balance(lab, k))
             table.append(row)
     choice = choose_k([r for r in table if r["method"] == config.method], config.rule)
-    return ClusterSearch(config, table, choice, labels, heads, centres)
+    return ClusterSearch(config, table, choice, fits)
+
+
+def index_values(rows: Sequence[dict[str, Any]], index: str) -> list[float]:
+    """The values `index` picks K from, per row (sorted by K): Hartigan's drops for "hartigan"."""
+    column = "hartigan_drop" if index == "hartigan" else index
+    return [float(r.get(column, math.nan)) for r in sorted(rows, key=lambda r: r["k"])]
+
+
+def monotone_indices(rows: Sequence[dict[str, Any]], indices: Sequence[str] = PAPER_INDICES) -> dict[str, str]:
+    """index -> "rises"/"falls" for the indices that move one way over one method's rows (validity.monotone)."""
+    ks = sorted(int(r["k"]) for r in rows)
+    out = {}
+    for index in indices:
+        trend = monotone(ks, index_values(rows, index))
+        if trend is not None:
+            out[index] = trend
+    return out
 
 
 def choose_k(table: Sequence[dict[str, Any]], rule: str = "majority") -> KChoice:
     """Choose K from one method's validity rows; `rule` is "majority", an index name or "hartigan_threshold".
 
-    majority: each of the paper's five indices votes for the K its own rule picks (validity.py); the K with
-    the most votes wins; ties go to the smaller K.
+    majority: each of the paper's five indices votes for the K its own rule picks (validity.py); an index
+    that rises or falls over the whole range does not vote (its pick is an end of the range whatever the
+    data), unless every index does, when they all vote with a warning; the K with the most votes wins;
+    ties go to the smaller K. A chosen K at the end of the range (or at a start above 2) is warned about.
     """
     if rule not in RULES:
         raise InputError(f"rule: unknown value {rule!r}; allowed: {', '.join(RULES)}")
@@ -175,22 +193,43 @@ def choose_k(table: Sequence[dict[str, Any]], rule: str = "majority") -> KChoice
         drops = [r["hartigan_drop"] for r in rows] if index == "hartigan" else None
         return pick_k(ks, [r.get(index, math.nan) for r in rows], index, drops)
 
+    warnings: list[str] = []
     if rule != "majority":
         k = pick(rule)
         if k is None:
             raise RunError(f"rule {rule}: the index is undefined for every K; choose another --rule")
-        return KChoice(k, f"{rule}: {_rule_text(rule)}", {rule: k})
+        trend = monotone_indices(rows, [rule]) if rule in DIRECTION else {}
+        if trend:
+            warnings.append(f"{rule} {trend[rule]} with K over the whole range, so its pick K = {k} is the range's "
+                            "end rather than an optimum")
+        return KChoice(k, f"{rule}: {_rule_text(rule)}", {rule: k}, trend, warnings + _edge_warnings(k, ks))
     votes = {index: pick(index) for index in PAPER_INDICES}
+    trends = monotone_indices(rows)
+    voting = {i: k for i, k in votes.items() if k is not None and i not in trends}
+    if not voting and any(k is not None for k in votes.values()):
+        voting = {i: k for i, k in votes.items() if k is not None}
+        warnings.append("every index rises or falls over the whole K range, so each votes for an end of it; "
+                        "the vote below counts them anyway (widen the range or try other --features)")
     counts: dict[int, int] = {}
-    for k in votes.values():
-        if k is not None:
-            counts[k] = counts.get(k, 0) + 1
+    for k in voting.values():
+        counts[k] = counts.get(k, 0) + 1
     if not counts:
         raise RunError("majority: every index is undefined for every K")
     best = min(counts, key=lambda k: (-counts[k], k))
-    tally = ", ".join(f"{name} -> {k}" for name, k in votes.items())
+    tally = ", ".join(f"{name} -> {k}" + (f" ({trends[name]} with K: no vote)" if name in trends and name not in voting
+                                          else "") for name, k in votes.items())
     return KChoice(best, f"majority vote of the five paper indices, ties to the smaller K "
-                         f"({counts[best]}/{len(votes)} votes for K={best}; {tally})", votes)
+                         f"({counts[best]}/{len(voting)} votes for K={best}; {tally})",
+                   votes, trends, warnings + _edge_warnings(best, ks))
+
+
+def _edge_warnings(k: int, ks: list[int]) -> list[str]:
+    # K = 2 at k_min = 2 is not an edge one can widen: the indices cannot score K = 1.
+    if len(ks) >= 2 and k == max(ks):
+        return [f"K = {k} is the largest K tried (--k-max): the best K may lie above the range; widen it"]
+    if len(ks) >= 2 and k == min(ks) and k > 2:
+        return [f"K = {k} is the smallest K tried (--k-min): the best K may lie below the range; widen it"]
+    return []
 
 
 def _rule_text(index: str) -> str:
@@ -290,18 +329,6 @@ def load_inputs(latents: Path, index: Path | None = None) -> ClusterInputs:
     return ClusterInputs(array, tiles, rows, view_rows)
 
 
-def features_from_array(array: np.ndarray, batch: int = 4096) -> tuple[torch.Tensor, int | None]:
-    """Raw features of latents `(N, C, h, w)` (batched, for memory-mapped caches) or features `(N, D)` as is.
-
-    Returns the features and the latent channel count (None when features were given).
-    """
-    if array.ndim == 2:
-        return torch.from_numpy(np.array(array, dtype=np.float32)), None
-    parts = [latent_features(torch.from_numpy(np.array(array[i : i + batch], dtype=np.float32)))
-             for i in range(0, len(array), batch)]
-    return torch.cat(parts), int(array.shape[1])
-
-
 # --------------------------------------------------------------------------------------------------
 # Outputs
 
@@ -314,32 +341,29 @@ def _finite(v: Any) -> Any:
     return v
 
 
+TABLE_COLUMNS = ["method", "k", "clusters_used", *ALL_INDICES, "hartigan_drop", "wss", *BALANCE]
+
+
 def write_cluster_outputs(out_dir: Path, search: ClusterSearch, tiles: Sequence[str], features: torch.Tensor,
-                          scaler: FeatureScaler, channels: int | None, source: dict[str, Any]) -> dict[str, Any]:
+                          scaler: FeatureScaler, feature_info: dict[str, Any],
+                          source: dict[str, Any]) -> dict[str, Any]:
     """Write the cluster folder and return the contents of its `cluster.json`.
 
     Files: `assignments.csv` (tile, cluster, probability, distance to the cluster's mean feature),
-    `validity.csv` / `validity.json` (the table, the choice and the rule), `validity.png` (each index vs K),
-    `cluster.json` (chosen K, rule, sizes, scaler, config), and `imc_head.safetensors` + `.json`
-    (the chosen head, carrying the feature scaler) or `kmeans_centres.npy`.
+    `validity.csv` / `validity.json` (the table, the choice, the rule, monotone indices and warnings),
+    `validity.png` (each index and the size balance vs K), `cluster.json` (chosen K, rule, sizes, balance,
+    feature kind, scaler, config), and the method's model: `imc_head.safetensors` + `.json` (the chosen
+    head; with latent_features it carries the feature scaler) or `kmeans_centres.npy`. Each file is
+    written under a temporary name and renamed.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     k, method = search.k, search.config.method
     x = features.float()
-    if method == "imc":
-        head = search.heads[k]
-        head.set_scaler(scaler) if channels is not None else None
-        probs = head.probs(x)
-        labels = probs.argmax(dim=1).numpy()
-        prob = probs.max(dim=1).values.numpy()
-        head.save(out_dir / "imc_head.safetensors", search.config.imc)
-    else:
-        labels = search.labels[("kmeans", k)]
-        centres = search.centres[k]
-        # Soft assignment for k-means: softmax of negative squared distances (a confidence, not calibrated).
-        d2 = torch.cdist(x.double(), torch.from_numpy(centres)) ** 2
-        prob = torch.softmax(-d2, dim=1).max(dim=1).values.numpy()
-        np.save(out_dir / "kmeans_centres.npy", centres.astype(np.float32), allow_pickle=False)
+    fit = search.fits[(method, k)]
+    probs = fit.probs(x)
+    labels = fit.labels
+    prob = probs.gather(1, torch.from_numpy(labels).long()[:, None])[:, 0].numpy()
+    head = fit.save(out_dir, search.config, scaler, str(feature_info["kind"]))
     xn = x.numpy()
     distance = np.zeros(len(xn))
     sizes = {}
@@ -348,46 +372,50 @@ def write_cluster_outputs(out_dir: Path, search: ClusterSearch, tiles: Sequence[
         sizes[c] = int(members.sum())
         if members.any():
             distance[members] = np.linalg.norm(xn[members] - xn[members].mean(axis=0), axis=1)
-    with open(out_dir / "assignments.csv", "w", newline="", encoding="utf-8") as f:
+    with atomic_path(out_dir / "assignments.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["tile", "cluster", "probability", "distance"])
         for tile, c, p, d in zip(tiles, labels, prob, distance):
             w.writerow([tile, int(c), f"{float(p):.6f}", f"{float(d):.6f}"])
-    columns = ["method", "k", "clusters_used", *ALL_INDICES, "hartigan_drop", "wss"]
-    with open(out_dir / "validity.csv", "w", newline="", encoding="utf-8") as f:
+    with atomic_path(out_dir / "validity.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(columns)
+        w.writerow(TABLE_COLUMNS)
         for row in search.table:
-            w.writerow([_fmt(row.get(c)) for c in columns])
-    choice = {"k": k, "method": method, "rule": search.choice.rule, "votes": search.choice.votes}
+            w.writerow([_fmt(row.get(c)) for c in TABLE_COLUMNS])
+    c = search.choice
+    choice = {"k": k, "method": method, "rule": c.rule, "votes": c.votes, "monotone": c.monotone,
+              "warnings": c.warnings}
     validity = {"choice": choice, "directions": DIRECTION,
-                "table": [{c: _finite(row.get(c)) for c in columns} for row in search.table]}
-    (out_dir / "validity.json").write_text(json.dumps(validity, indent=2), encoding="utf-8")
-    plot_validity(search.table, k, out_dir / "validity.png")
+                "table": [{col: _finite(row.get(col)) for col in TABLE_COLUMNS} for row in search.table]}
+    write_text(out_dir / "validity.json", json.dumps(validity, indent=2))
+    plot_validity(search.table, k, out_dir / "validity.png", choice=c, method=method)
     summary = {
         "format": CLUSTER_FORMAT,
         "k": k,
         "method": method,
-        "rule": search.choice.rule,
-        "votes": search.choice.votes,
+        "rule": c.rule,
+        "votes": c.votes,
+        "monotone": c.monotone,
+        "warnings": c.warnings,
         "num_tiles": len(tiles),
         "sizes": sizes,
-        "features": {"kind": "latent_features" if channels is not None else "given", "channels": channels,
-                     "dim": int(x.shape[1])},
+        "balance": size_balance(labels, k),
+        "features": feature_info,
         "scaler": to_dict(scaler),
-        "head": "imc_head.safetensors" if method == "imc" else None,
+        "head": head,
         "config": to_dict(search.config),
         "source": source,
     }
-    (out_dir / "cluster.json").write_text(json.dumps(_finite_tree(summary), indent=2), encoding="utf-8")
+    write_text(out_dir / "cluster.json", json.dumps(json_safe(summary), indent=2))
     return summary
 
 
-def _finite_tree(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
+    """`v` with NaN/inf as None and numpy scalars as Python numbers, recursively (JSON has no NaN)."""
     if isinstance(v, dict):
-        return {str(k): _finite_tree(x) for k, x in v.items()}
+        return {str(k): json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_finite_tree(x) for x in v]
+        return [json_safe(x) for x in v]
     return _finite(v)
 
 
@@ -397,29 +425,66 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def run_cluster(latents: Path, out_dir: Path, config: ClusterSearchConfig, index: Path | None = None,
-                on_progress: Progress | None = None, tiles_root: Path | None = None) -> dict[str, Any]:
-    """`histosynth cluster`: features of the cached latents -> search over K -> the cluster folder."""
+@dataclass
+class PreparedFeatures:
+    """Raw features of a latent cache's rows, and which rows are tiles and which are their views."""
+
+    raw: RawFeatures
+    inputs: ClusterInputs
+
+
+def prepare_features(latents: Path, config: ClusterSearchConfig, index: Path | None = None,
+                     on_progress: Progress | None = None) -> PreparedFeatures:
+    """Open the latents and compute the configured features of every row (tiles and their views)."""
     config.validate("cluster")
     inputs = load_inputs(latents, index)
-    raw, channels = features_from_array(inputs.array)
-    if not torch.isfinite(raw).all():
+    progress = (lambda done, total: on_progress(done, total, f"{config.features.kind} features")) \
+        if on_progress else None
+    raw = compute_features(inputs.array, config.features, progress)
+    if not torch.isfinite(raw.features).all():
         raise InputError(f"--latents: {latents} holds NaN or infinite values")
-    rows = torch.from_numpy(inputs.rows)
-    scaler = FeatureScaler.fit(raw[rows], channels)
-    x = scaler.transform(raw[rows])
+    return PreparedFeatures(raw, inputs)
+
+
+def cluster_rows(prepared: PreparedFeatures, select: np.ndarray, out_dir: Path, config: ClusterSearchConfig,
+                 source: dict[str, Any], on_progress: Progress | None = None) -> dict[str, Any]:
+    """Standardise the features of the tiles `select` (indices into `prepared.inputs.tiles`), search K, write.
+
+    The scaler is fitted on the selected tiles only, so a label group is standardised by its own spread.
+    """
+    inputs, raw = prepared.inputs, prepared.raw
+    rows = torch.from_numpy(inputs.rows[select])
+    scaler = FeatureScaler.fit(raw.features[rows], blocks=raw.blocks)
+    x = scaler.transform(raw.features[rows])
     views = None
     if inputs.view_rows is not None:
-        views = torch.stack([scaler.transform(raw[torch.from_numpy(v)]) for v in inputs.view_rows])
-    tiles = inputs.tiles
+        views = torch.stack([scaler.transform(raw.features[torch.from_numpy(v[select])]) for v in inputs.view_rows])
     search = search_k(x, config, on_progress, views=views)
-    # `tiles` is the folder the tile keys are relative to; `histosynth review` defaults to it.
-    source = {"latents": str(latents), "index": str(index) if index else None,
-              "views": 0 if views is None else int(views.shape[0]),
-              "tiles": str(tiles_root) if tiles_root else None}
-    summary = write_cluster_outputs(Path(out_dir), search, tiles, x, scaler, channels, source)
+    source = dict(source, views=0 if views is None else int(views.shape[0]))
+    tiles = [inputs.tiles[i] for i in select]
+    summary = write_cluster_outputs(Path(out_dir), search, tiles, x, scaler, raw.info, source)
     summary["table"] = search.table
     return summary
+
+
+def run_cluster(latents: Path, out_dir: Path, config: ClusterSearchConfig, index: Path | None = None,
+                on_progress: Progress | None = None, tiles_root: Path | None = None,
+                within_labels: Path | None = None, label_column: str = "label") -> dict[str, Any]:
+    """`histosynth cluster`: features of the cached latents -> search over K -> the cluster folder.
+
+    With `within_labels` (a CSV of tile labels), every label group is clustered on its own (within.py).
+    """
+    config.validate("cluster")
+    if within_labels is not None:
+        from histosynth.clusters.within import run_within_labels
+
+        return run_within_labels(latents, out_dir, config, within_labels, label_column, index=index,
+                                 on_progress=on_progress, tiles_root=tiles_root)
+    prepared = prepare_features(latents, config, index, on_progress)
+    # `tiles` is the folder the tile keys are relative to; `histosynth review` defaults to it.
+    source = {"latents": str(latents), "index": str(index) if index else None,
+              "tiles": str(tiles_root) if tiles_root else None}
+    return cluster_rows(prepared, np.arange(len(prepared.inputs.tiles)), out_dir, config, source, on_progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,27 +509,47 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return ticks
 
 
-def plot_validity(table: Sequence[dict[str, Any]], chosen_k: int, path: Path) -> None:
-    """One panel per index against K, a line per method, the chosen K marked; written as PNG."""
-    panels = list(ALL_INDICES)
-    cols, pw, ph = 4, 330, 250
+def plot_validity(table: Sequence[dict[str, Any]], chosen_k: int, path: Path, choice: KChoice | None = None,
+                  method: str | None = None) -> None:
+    """One panel per index and per balance measure against K, a line per method, the chosen K marked.
+
+    With `choice`, the panels of indices that rise or fall over the whole range say "no vote", and the
+    choice's warnings (e.g. K at the edge of the range) are printed under the title. Written as PNG.
+    """
+    panels = [*ALL_INDICES, *BALANCE]
+    notes = list(choice.warnings) if choice else []
+    cols, pw, ph = 3, 330, 250
     rows_n = math.ceil(len(panels) / cols)
-    img = Image.new("RGB", (cols * pw, rows_n * ph + 40), "white")
+    head = 40 + 16 * len(notes)
+    img = Image.new("RGB", (cols * pw, rows_n * ph + head), "white")
     draw = ImageDraw.Draw(img)
     font, small = ImageFont.load_default(14), ImageFont.load_default(11)
-    methods = sorted({r["method"] for r in table}, key=lambda m: m != "imc")
+    methods = sorted({r["method"] for r in table}, key=lambda m: (m != method, m != "imc", m))
     draw.text((10, 10), f"Cluster validity vs K (chosen K = {chosen_k}, dashed red)", fill="black", font=font)
+    for i, note in enumerate(notes):
+        draw.text((10, 34 + 16 * i), f"warning: {note}", fill=(214, 39, 40), font=small)
     lx = cols * pw - 200
     for i, m in enumerate(methods):  # legend
         draw.line([(lx + 90 * i, 18), (lx + 90 * i + 24, 18)], fill=_COLOURS.get(m, (0, 0, 0)), width=3)
         draw.text((lx + 90 * i + 28, 11), m, fill="black", font=small)
     ks = sorted({int(r["k"]) for r in table})
+    trends = {m: monotone_indices([r for r in table if r["method"] == m], ALL_INDICES) for m in methods}
     for p, name in enumerate(panels):
-        ox, oy = (p % cols) * pw, 40 + (p // cols) * ph
-        left, right, top, bottom = ox + 62, ox + pw - 14, oy + 28, oy + ph - 40
-        better = {"max": "higher is better", "min": "lower is better", "drop": "largest drop wins"}[DIRECTION[name]]
+        ox, oy = (p % cols) * pw, head + (p // cols) * ph
+        left, right, top, bottom = ox + 62, ox + pw - 14, oy + 40, oy + ph - 40
+        if name in DIRECTION:
+            better = {"max": "higher is better", "min": "lower is better", "drop": "largest drop wins"}[DIRECTION[name]]
+        else:
+            better = "1 = equal sizes"
         draw.text((ox + 10, oy + 4), f"{name} ({better})", fill="black", font=small)
-        values = [float(r[name]) for r in table if r.get(name) is not None and math.isfinite(float(r[name]))]
+        what = "drop " if name == "hartigan" else ""  # Hartigan votes by its drop H(K-1) - H(K), plotted: H(K)
+        flagged = [f"{m}: {what}{trends[m][name]} with K" for m in methods if name in trends[m]]
+        if flagged:  # a monotone index: its pick is the range's end, so it does not vote
+            voter = method in methods and name in trends.get(method, {}) and name in PAPER_INDICES
+            text = "monotone: " + "; ".join(flagged) + (" - no vote" if voter else "")
+            draw.text((ox + 10, oy + 20), text, fill=(214, 39, 40), font=small)
+        column = name
+        values = [float(r[column]) for r in table if r.get(column) is not None and math.isfinite(float(r[column]))]
         ticks = _nice_ticks(min(values), max(values)) if values else []
         lo, hi = (ticks[0], ticks[-1]) if len(ticks) >= 2 else (0.0, 1.0)
 
@@ -489,15 +574,16 @@ def plot_validity(table: Sequence[dict[str, Any]], chosen_k: int, path: Path) ->
             for y in range(int(top), int(bottom), 8):  # dashed marker of the chosen K
                 draw.line([(x0, y), (x0, min(y + 4, bottom))], fill=(214, 39, 40), width=2)
         for m in methods:
-            pts = [(sx(int(r["k"])), sy(float(r[name]))) for r in sorted(table, key=lambda r: r["k"])
-                   if r["method"] == m and r.get(name) is not None and math.isfinite(float(r[name]))]
+            pts = [(sx(int(r["k"])), sy(float(r[column]))) for r in sorted(table, key=lambda r: r["k"])
+                   if r["method"] == m and r.get(column) is not None and math.isfinite(float(r[column]))]
             colour = _COLOURS.get(m, (0, 0, 0))
             if len(pts) >= 2:
                 draw.line(pts, fill=colour, width=2)
             for px, py in pts:
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp)
 
 
 def read_assignments(cluster_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

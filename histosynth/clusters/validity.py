@@ -20,6 +20,14 @@ Definitions (X: N points, labels: cluster ids; d: Euclidean distance):
   K-cluster partition: the gain of adding a (K+1)-th cluster. It needs the partitions at K and K+1.
 - McClain-Rao = (S_w / N_w) / (S_b / N_b): mean within-cluster over mean between-cluster pair distance.
 
+Monotone indices: C-index and McClain-Rao tend to fall with K on features without clear clusters (more,
+smaller clusters always shrink within-cluster distances), so their optimum sits at an end of the K range
+whatever the data. `monotone` detects an index whose values move one way over the whole range (at least
+`MIN_MONOTONE_KS` values); the choice of K (select.py) then does not count its vote.
+
+Cluster-size balance (`size_balance`): the min/max size ratio (0 when a cluster is empty) and the entropy of
+the size distribution divided by log K (1 = equal sizes). IMC's marginal-entropy term pushes towards 1.
+
 C-index, Dunn, McClain-Rao and silhouette need all N^2/2 pair distances, so they are computed on a random
 subsample of at most `max_points` points (default 2000: 2 million pairs, ~16 MB), drawn with a fixed seed
 so the same input gives the same numbers. Calinski-Harabasz, Davies-Bouldin and W_K use every point.
@@ -51,6 +59,8 @@ DIRECTION: dict[str, Direction] = {
     "davies_bouldin": "min",
 }
 HARTIGAN_THRESHOLD = 10.0  # Hartigan's (1975) rule of thumb: stop adding clusters once H(K) <= 10
+# With 3 values a random sequence is monotone half the time; with 4, one time in 12.
+MIN_MONOTONE_KS = 4
 
 
 def _check(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,3 +188,30 @@ def pick_k(ks: list[int], values: list[float], index: str, hartigan_drops: list[
         if better:  # strict: ties keep the smaller K
             best_k, best = k, v
     return best_k
+
+
+def monotone(ks: list[int], values: list[float]) -> Literal["rises", "falls"] | None:
+    """"rises" / "falls" when the finite `values` (at `ks`) strictly move one way over the whole range.
+
+    None when they do not, or when fewer than `MIN_MONOTONE_KS` values are finite (too few to tell).
+    """
+    pts = [v for _, v in sorted(zip(ks, values)) if v is not None and math.isfinite(v)]
+    if len(pts) < MIN_MONOTONE_KS:
+        return None
+    steps = [b - a for a, b in zip(pts, pts[1:])]
+    if all(d > 0 for d in steps):
+        return "rises"
+    if all(d < 0 for d in steps):
+        return "falls"
+    return None
+
+
+def size_balance(labels: np.ndarray, k: int) -> dict[str, float]:
+    """`size_ratio` (smallest / largest cluster, 0 if one is empty) and `size_entropy` (H(sizes) / log K)."""
+    sizes = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)[:k].astype(np.float64)
+    if k < 2 or sizes.sum() == 0:
+        return {"size_ratio": 1.0, "size_entropy": 1.0}
+    p = sizes / sizes.sum()
+    nz = p[p > 0]
+    return {"size_ratio": float(sizes.min() / sizes.max()),
+            "size_entropy": float(-(nz * np.log(nz)).sum() / math.log(k))}
