@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from histosynth.cli.app import app
 from histosynth.errors import InputError
-from histosynth.review.edits import ClusterEdit, ReviewEdits, TileMove, apply_review, load_edits
+from histosynth.labels import read_label_map
+from histosynth.review.edits import ClusterEdit, ClusterSplit, ReviewEdits, TileMove, apply_review, load_edits
 from histosynth.review.sheets import suggest_names
 
 runner = CliRunner()
@@ -136,8 +137,6 @@ def test_review_apply_cli(clustered: Path, tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert len(rows) == 48 and {int(r["class_id"]) for r in rows} == set(range(k - 1))
     # The bundle exporter reads this file as a label map.
-    from histosynth.bundle.export import read_label_map
-
     assert [c.name for c in read_label_map(out).classes] == [c["name"] for c in data["classes"]]
     # An unknown cluster id is exit code 2 naming the key.
     edits["clusters"][9] = {"name": "x"}
@@ -252,3 +251,145 @@ def test_cluster_dihedral_cache_uses_views(cache: Path, tmp_path: Path) -> None:
     np.save(folder / "latents.npy", np.concatenate([both, both[:1]]).astype(np.float16))
     r = runner.invoke(app, ["cluster", "--latents", str(folder), "--out", str(out)])
     assert r.exit_code == 2 and "'extra.jpg' has views" in r.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits: by a label column of a CSV, and into k-means sub-clusters
+
+
+def _labels_csv(tmp_path: Path, rows: str = "a,1\nb,0\nc,0\nd,1\ng,1\nh,\n") -> Path:
+    (tmp_path / "labels.csv").write_text("file,label\n" + rows)
+    return tmp_path / "labels.csv"
+
+
+def test_split_by_label(tmp_path: Path) -> None:
+    _labels_csv(tmp_path)
+    edits = _edits(clusters={1: ClusterEdit("stroma"), 2: ClusterEdit("junk", exclude=True)}, merges=[[1, 3]],
+                   splits=[ClusterSplit(3, "label", labels="labels.csv", names={1: "tumour", 0: "normal"})])
+    lm = apply_review(ROWS, edits, 4, base=tmp_path)
+    # {1, 3} = c d g h -> stroma_normal (c), stroma_tumour (d g); h has no label and is excluded, as is 2.
+    assert [(c.id, c.name, c.clusters, c.tiles, c.label, c.label_name) for c in lm.classes] == [
+        (0, "cluster_0", [0], 2, None, None), (1, "stroma_normal", [1, 3], 1, "0", "normal"),
+        (2, "stroma_tumour", [1, 3], 2, "1", "tumour")]
+    assert lm.cluster_to_class == {0: 0, 1: [1, 2], 2: None, 3: [1, 2]}
+    assert dict(lm.tile_labels) == {"a": 0, "b": 0, "c": 1, "d": 2, "g": 2} and lm.excluded_tiles == 3
+
+    # keep: the unlabelled rest is a class of its own; default part names are the raw values.
+    keep = _edits(clusters={3: ClusterEdit("tumour", label="1")},
+                  splits=[ClusterSplit(3, "label", labels=str(tmp_path / "labels.csv"), unlabelled="keep",
+                                       class_names={"1": "tumour_confirmed"})])
+    lm = apply_review(ROWS, keep, 4)
+    assert [(c.name, c.tiles, c.label) for c in lm.classes][-2:] == [("tumour_confirmed", 1, "1"),
+                                                                     ("tumour_unlabelled", 1, "1")]
+    assert lm.excluded_tiles == 0
+
+
+def test_split_by_kmeans_is_deterministic_and_ordered_by_size(tmp_path: Path) -> None:
+    rows = [{"tile": f"t{i}", "cluster": 0 if i < 9 else 1} for i in range(12)]
+    centres = {0: (0.0, 0.0), 1: (10.0, 0.0), 2: (0.0, 10.0)}
+    blob = [2, 2, 0, 1, 0, 1, 0, 0, 1]  # blob 0: 4 tiles, blob 1: 3, blob 2: 2
+    rng = np.random.default_rng(0)
+    x = {f"t{i}": np.array(centres[b]) + rng.normal(0, 0.1, 2) for i, b in enumerate(blob)}
+    calls: list[list[str]] = []
+
+    def features(tiles):
+        calls.append(list(tiles))
+        return np.stack([x[t] for t in tiles])
+
+    edits = ReviewEdits(clusters={0: ClusterEdit("tumour", label="1", label_name="tumour"), 1: ClusterEdit("rest")},
+                        splits=[ClusterSplit(0, "kmeans", n=3, seed=3, names={2: "small"})])
+    lm = apply_review(rows, edits, 2, features=features)
+    assert calls == [[f"t{i}" for i in range(9)]]  # only the split class's tiles are read
+    assert [(c.name, c.tiles, c.subcluster, c.label) for c in lm.classes] == [
+        ("rest", 3, None, None), ("tumour_0", 4, 0, "1"), ("tumour_1", 3, 1, "1"), ("tumour_small", 2, 2, "1")]
+    parts = {t: c for t, c in lm.tile_labels}
+    assert {t for t in parts if parts[t] == 1} == {f"t{i}" for i, b in enumerate(blob) if b == 0}
+    assert {t for t in parts if parts[t] == 3} == {"t0", "t1"}
+    assert apply_review(rows, edits, 2, features=features).tile_labels == lm.tile_labels
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"splits": [ClusterSplit(9, "label", labels="labels.csv")]}, r"splits\[0\]\.cluster: unknown cluster id 9"),
+    ({"clusters": {2: ClusterEdit("x", exclude=True)}, "splits": [ClusterSplit(2, "kmeans", n=2)]},
+     r"splits\[0\]\.cluster: cluster 2 is excluded"),
+    ({"merges": [[1, 3]], "splits": [ClusterSplit(1, "kmeans", n=2), ClusterSplit(3, "label", labels="labels.csv")]},
+     r"splits\[1\]\.cluster: the class of cluster 3 \(merged with \[1, 3\]\) is already split by splits\[0\]"),
+    ({"splits": [ClusterSplit(0, "label", labels="nope.csv")]}, r"splits\[0\]\.labels: file not found: .*nope.csv"),
+    ({"splits": [ClusterSplit(0, "label", labels="labels.csv", column="grade")]},
+     r"splits\[0\]\.labels: .* has no label column 'grade'; its columns: file, label"),
+    ({"splits": [ClusterSplit(0, "label", labels="labels.csv", names={"2": "x"})]},
+     r"splits\[0\]\.names\.2: '2' is not a value of column 'label'.*values: 0, 1"),
+    ({"splits": [ClusterSplit(2, "label", labels="labels.csv")]},
+     r"splits\[0\]: none of the 2 tiles of class 'cluster_2' has a label"),
+    ({"clusters": {3: ClusterEdit("cluster_0_1")}, "splits": [ClusterSplit(0, "label", labels="labels.csv")]},
+     r"splits\[0\]: class name 'cluster_0_1' is also made by clusters\.3"),
+    ({"splits": [ClusterSplit(0, "kmeans", n=3)]}, r"splits\[0\]\.n: 3 sub-clusters of class 'cluster_0', which has 2"),
+    ({"splits": [ClusterSplit(0, "kmeans", n=2, names={"5": "x"})]}, r"splits\[0\]\.names\.5: not a sub-cluster"),
+    ({"splits": [ClusterSplit(0, "kmeans", n=2)]}, r"splits\[0\]: by: kmeans needs the tiles' latent features"),
+    ({"clusters": {1: ClusterEdit("s", label="0"), 3: ClusterEdit("cluster_3", label="1")}, "merges": [[1, 3]]},
+     r"merges\[0\]: merged clusters \[1, 3\] have conflicting labels"),
+])
+def test_split_errors(tmp_path: Path, changes: dict, message: str) -> None:
+    _labels_csv(tmp_path)
+    with pytest.raises(InputError, match=message):
+        apply_review(ROWS, _edits(**changes), 4, base=tmp_path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("splits: [{cluster: 0, by: label}]", r"splits\[0\]\.labels: required with by: label"),
+    ("splits: [{cluster: 0, by: kmeans, n: 1}]", r"splits\[0\]\.n: by: kmeans needs n >= 2"),
+    ("splits: [{cluster: 0, by: kmeans, n: 2, labels: x.csv}]", r"splits\[0\]\.labels: belongs to by: label"),
+    ("splits: [{cluster: 0, by: label, labels: x.csv, n: 2}]", r"splits\[0\]\.n: belongs to by: kmeans"),
+    ("splits: [{cluster: 0, by: gmm}]", r"splits\[0\]\.by: unknown value 'gmm'; allowed: label, kmeans"),
+    ("clusters: {0: {name: a, label_name: tumour}}", r"clusters\.0\.label_name: needs a label"),
+])
+def test_load_edits_split_keys(tmp_path: Path, text: str, message: str) -> None:
+    base = "clusters: {0: {name: a}}\n" if not text.startswith("clusters") else ""
+    (tmp_path / "e.yaml").write_text(base + text + "\n")
+    with pytest.raises(InputError, match=message):
+        load_edits(tmp_path / "e.yaml")
+
+
+def test_load_edits_reads_unquoted_label_values(tmp_path: Path) -> None:
+    (tmp_path / "e.yaml").write_text("clusters: {0: {name: a, label: 1}}\n"
+                                     "splits: [{cluster: 0, by: label, labels: l.csv, names: {0: normal, 1: tumour}}]\n")
+    edits = load_edits(tmp_path / "e.yaml")
+    assert edits.clusters[0].label == "1" and edits.splits[0].names == {"0": "normal", "1": "tumour"}
+
+
+def test_review_apply_cli_splits_on_pcam(clustered: Path, shared_data: Path, cache: Path, tmp_path: Path) -> None:
+    meta = json.loads((clustered / "cluster.json").read_text())
+    k, sizes = meta["k"], {int(c): n for c, n in meta["sizes"].items()}
+    big = max(sizes, key=lambda c: sizes[c])  # k-means on the largest cluster, PCam's tumour label on another
+    other = next(c for c in range(k) if c != big and sizes[c] > 0)
+    edits = {"clusters": {c: {"name": f"tissue_{c}"} for c in range(k)},
+             "splits": [{"cluster": other, "by": "label", "labels": str(shared_data / "pcam" / "train_labels.csv"),
+                         "names": {0: "normal", 1: "tumour"}},
+                        {"cluster": big, "by": "kmeans", "n": 2}]}
+    (tmp_path / "clusters.yaml").write_text(yaml.safe_dump(edits))
+    out = tmp_path / "label_map.yaml"
+    args = ["review", "apply", str(tmp_path / "clusters.yaml"), "--clusters", str(clustered), "--out", str(out)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    lm = read_label_map(out)
+    by_name = {c.name: c for c in lm.classes}
+    with open(shared_data / "pcam" / "train_labels.csv") as f:
+        truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
+    with open(tmp_path / "label_map_tiles.csv") as f:
+        tiles = list(csv.DictReader(f))
+    assert len(tiles) == 48  # every PCam tile has a label: nothing excluded
+    for row in tiles:
+        c = by_name[row["class_name"]]
+        if c.label is not None:  # a label class holds exactly the tiles with that PCam label
+            assert c.name.startswith(f"tissue_{other}_") and truth[row["tile"]] == c.label
+    parts = sorted((c.subcluster, c.tiles) for c in lm.classes if c.subcluster is not None)
+    assert [p for p, _ in parts] == [0, 1] and parts[0][1] >= parts[1][1] and sum(n for _, n in parts) == sizes[big]
+    assert any(c.label is not None for c in lm.classes)
+    assert {c.label_name for c in lm.classes if c.label} <= {"normal", "tumour"}
+    assert sorted(lm.names) == lm.names and "tumour" in r.output and "part" in r.output
+    assert len(lm.cluster_classes()[big]) == 2
+    first = (tmp_path / "label_map_tiles.csv").read_text()
+    assert runner.invoke(app, args + ["--latents", str(cache)]).exit_code == 0  # the same cache, named
+    assert (tmp_path / "label_map_tiles.csv").read_text() == first  # seeded: the same parts
+    bad = runner.invoke(app, args + ["--latents", str(tmp_path / "none")])
+    assert bad.exit_code == 2 and "--latents" in bad.output

@@ -52,14 +52,18 @@ def apply_command(
     edits: Path = typer.Argument(..., help="The edited clusters.yaml."),
     clusters: Path = typer.Option(..., "--clusters", help="Output folder of `histosynth cluster`."),
     out: Path = typer.Option(..., "--out", "-o", help="Label map YAML to write (per-tile CSV beside it)."),
+    latents: Optional[Path] = typer.Option(None, "--latents", help="Latent cache for `by: kmeans` splits "
+                                           "(default: the one given to `histosynth cluster`)."),
 ) -> None:
-    """Check the edits and write the label map (classes, cluster -> class) and per-tile labels."""
-    label_map, tiles_csv = review_apply(edits, clusters, out)
+    """Check the edits (names, merges, moves, splits) and write the label map and per-tile labels."""
+    label_map, tiles_csv = review_apply(edits, clusters, out, latents=latents)
     table = Table(title="classes")
-    for column in ("id", "name", "clusters", "tiles"):
-        table.add_column(column, justify="left" if column == "name" else "right")
+    for column in ("id", "name", "clusters", "tiles", "label", "part"):
+        table.add_column(column, justify="left" if column in ("name", "label") else "right")
     for c in label_map.classes:
-        table.add_row(str(c.id), c.name, ", ".join(map(str, c.clusters)), str(c.tiles))
+        label = "" if c.label is None else c.label + (f" ({c.label_name})" if c.label_name else "")
+        part = "" if c.subcluster is None else str(c.subcluster)
+        table.add_row(str(c.id), c.name, ", ".join(map(str, c.clusters)), str(c.tiles), label, part)
     console.print(table)
     console.print(f"{label_map.excluded_tiles} tiles excluded; wrote {out} and {tiles_csv}", highlight=False)
 
