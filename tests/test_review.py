@@ -393,3 +393,14 @@ def test_review_apply_cli_splits_on_pcam(clustered: Path, shared_data: Path, cac
     assert (tmp_path / "label_map_tiles.csv").read_text() == first  # seeded: the same parts
     bad = runner.invoke(app, args + ["--latents", str(tmp_path / "none")])
     assert bad.exit_code == 2 and "--latents" in bad.output
+
+
+def test_clusters_inherit_the_label_groups_of_cluster_within_labels() -> None:
+    groups = {0: "1", 1: "0", 2: "1", 3: "0"}  # cluster.json cluster_groups of a --within-labels run
+    edits = _edits(clusters={0: ClusterEdit("tumour"), 1: ClusterEdit("normal"), 3: ClusterEdit("cluster_3", label="x")},
+                   merges=[[0, 2], [1, 3]])
+    lm = apply_review(ROWS, edits, 4, cluster_labels=groups)
+    # [0, 2]: both in group "1"; [1, 3]: an explicit label wins over the groups.
+    assert [(c.name, c.label) for c in lm.classes] == [("normal", "x"), ("tumour", "1")]
+    across = apply_review(ROWS, _edits(merges=[[0, 1]]), 4, cluster_labels=groups)
+    assert [(c.name, c.label) for c in across.classes] == [("cluster_0", None), ("cluster_2", "1"), ("cluster_3", "0")]

@@ -37,7 +37,9 @@ Rules, in order (each violation is an `InputError` naming the key path):
    `class_names` keys are values of the column; `by: kmeans` needs 2 <= n <= the class's tiles, keys 0..n-1;
 5. final classes: no two share a name, each has at least one tile, at least one class is left.
 
-A split runs after merges and moves, on the class's tiles. Each label value becomes a class with `label`
+A cluster without a `label` takes the label group `histosynth cluster --within-labels` recorded for it
+(`cluster.json` `cluster_groups`; not the group of unlabelled tiles); a merge across label groups has no
+label. A split runs after merges and moves, on the class's tiles. Each label value becomes a class with `label`
 (the raw value) and `label_name` (its name from `names`, if given); k-means parts keep the class's label and
 record `subcluster` (parts numbered by size, largest first; ties by first tile). Classes get contiguous ids
 0..C-1 in the sorted order of their names (so ImageFolder indices of generated tiles equal class ids).
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -58,6 +60,7 @@ from histosynth.labels import (LabelClass, LabelMap, TileLabels, check_class_nam
                                write_label_map)
 
 # Features of tiles (keys as in assignments.csv) -> (N, D) array, for k-means splits.
+UNLABELLED_GROUP = "unlabelled"  # cluster --within-labels: the group of tiles without a label
 FeatureFn = Callable[[Sequence[str]], np.ndarray]
 
 
@@ -158,11 +161,14 @@ class _Part:
 
 
 def apply_review(assignments: Sequence[dict[str, Any]], edits: ReviewEdits, k: int, *,
-                 base: Path | None = None, features: FeatureFn | None = None) -> LabelMap:
+                 base: Path | None = None, features: FeatureFn | None = None,
+                 cluster_labels: Mapping[int, str] | None = None) -> LabelMap:
     """Check `edits` against `k` clusters and their assignments (rows with tile, cluster); build the label map.
 
     `base` is the folder relative `splits[].labels` paths are read from first (clusters.yaml's folder);
-    `features(tiles)` gives the tiles' features for `by: kmeans` splits.
+    `features(tiles)` gives the tiles' features for `by: kmeans` splits. `cluster_labels` (cluster id ->
+    label value, from `cluster --within-labels`) is the label of clusters whose edit gives none; a merge of
+    clusters with different such labels stands for no single label and gets none.
     """
     known = set(range(k))
     for c in edits.clusters:
@@ -210,6 +216,10 @@ def apply_review(assignments: Sequence[dict[str, Any]], edits: ReviewEdits, k: i
         if len(values) > 1 or len(value_names) > 1:
             raise InputError(f"merges[{seen[lead]}]: merged clusters {group} have conflicting labels "
                              f"{sorted(values | value_names)}; give them one label")
+        if not values:  # no label given: the clustering's label group, when the whole group agrees
+            inherited = {(cluster_labels or {}).get(c) for c in group}
+            values = inherited if len(inherited) == 1 else set()
+            values.discard(None)
         labels[lead] = (next(iter(values), None), next(iter(value_names), None))
 
     kept = [lead for lead in sorted(members) if not edits.clusters[lead].exclude]
@@ -408,7 +418,8 @@ def latent_features_of(meta: dict[str, Any], latents: Path | None = None) -> Fea
             raise InputError("--latents: cluster.json does not name the latent cache the clustering read; pass it")
         index = source.get("index") if latents is None else None
         if not Path(path).exists():
-            raise InputError(f"--latents: the latent cache {path} (from cluster.json) is not there; pass --latents")
+            raise InputError(f"--latents: the latent cache {path} that cluster.json records is not there (a relative "
+                             "path is read from the working folder); pass --latents")
         inputs = load_inputs(Path(path), Path(index) if index else None)
         row_of = dict(zip(inputs.tiles, inputs.rows.tolist()))
         absent = [t for t in tiles if t not in row_of]
@@ -438,8 +449,11 @@ def review_apply(edits_path: Path, cluster_dir: Path, out: Path,
 
     meta, rows = read_assignments(Path(cluster_dir))
     edits_path = Path(edits_path)
+    # `cluster --within-labels` records each cluster's label group; tiles without a label form "unlabelled".
+    groups = meta.get("cluster_groups") or {}
+    cluster_labels = {int(c): str(v) for c, v in groups.items() if v is not None and v != UNLABELLED_GROUP}
     label_map = apply_review(rows, load_edits(edits_path), int(meta["k"]), base=edits_path.parent,
-                             features=latent_features_of(meta, latents))
+                             features=latent_features_of(meta, latents), cluster_labels=cluster_labels)
     provenance = {"source": {"clusters": str(cluster_dir), "edits": str(edits_path)},
                   "cluster_rule": meta.get("rule"), "cluster_method": meta.get("method")}
     return label_map, write_label_map(label_map, Path(out), provenance)
