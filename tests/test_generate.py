@@ -196,4 +196,4 @@ def test_bad_input_exit_codes(tmp_path, bundle):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     result = invoke("generate", "--recipe", str(good), "--out", str(blocker / "sub"))
-    assert result.exit_code == 1 and "not writable" in result.output
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output  # bad input (issue 10, item 7)

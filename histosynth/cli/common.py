@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+import os
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -42,8 +44,23 @@ def _flags_show_no_type() -> None:
 _flags_show_no_type()
 
 
+def file_in_the_way(path: object) -> Optional[Path]:
+    """The existing non-folder that is `path` or one of its parents, if any (why an OS call said ENOTDIR)."""
+    if not path:
+        return None
+    target = Path(os.fsdecode(path)) if isinstance(path, (str, bytes, os.PathLike)) else None
+    if target is None:
+        return None
+    for candidate in (target, *target.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
 def handle_errors(fn: F) -> F:
     """Print `InputError` (exit 2) and `RunError`/`OSError` (exit 1) as one clear line, no traceback.
+
+    An OS error because a file sits where a folder must be (`--out some.png`) is the user's input: exit 2.
 
     Messages are printed as plain text (no rich markup: `cuda[:N]` must survive) and never wrapped.
     """
@@ -54,6 +71,16 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except InputError as e:
             err_console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (NotADirectoryError, FileExistsError) as e:
+            # A path the user gave runs into a file where a folder must be: bad input, not a failure.
+            blocking = file_in_the_way(e.filename)
+            if blocking is None:
+                err_console.print(Text.assemble(("failed: ", "bold red"), str(e)), soft_wrap=True)
+                raise typer.Exit(1) from None
+            err_console.print(Text.assemble(("error: ", "bold red"),
+                                            f"{blocking} is a file where a folder is needed (for {e.filename}); "
+                                            "choose another path"), soft_wrap=True)
             raise typer.Exit(2) from None
         except (RunError, OSError) as e:
             err_console.print(Text.assemble(("failed: ", "bold red"), str(e)), soft_wrap=True)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from histosynth.cli.common import console, handle_errors
 from histosynth.sampling.plan import Shard
-from histosynth.sampling.runner import GenerateOptions, describe_plan, generate, load_plan, merge_shards
+from histosynth.sampling.runner import GenerateOptions, generate, merge_shards, summarize_plan
 
 
 @handle_errors
@@ -27,24 +27,28 @@ def generate_command(
     overwrite: bool = typer.Option(False, help="Replace a different recipe's tiles in --out."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
 ) -> None:
-    """Generate synthetic tiles from a recipe: DIR/<class>/<index>.<ext> plus manifest.csv."""
+    """Generate synthetic tiles from a recipe into --out (ImageFolder layout): DIR/<class>/<index>.<ext>, or
+    DIR/train/<class>/... and DIR/val/<class>/... when the recipe has a `split` (the shipped recipes/balanced.yaml
+    does); plus manifest.csv. --dry-run shows the exact paths."""
     parsed_shard = Shard.parse(shard)
+    options = GenerateOptions(backend=backend, device=device, dtype=dtype, shard=parsed_shard, overwrite=overwrite,
+                              batch_size=batch_size, bundle=bundle)
     if dry_run:
-        recipe_obj, bundle_obj, plan = load_plan(recipe, bundle)
+        summary = summarize_plan(recipe, options)
         table = Table(title=f"plan: {recipe} -> {out}" + (f" (shard {shard})" if shard else ""))
         for column in ("id", "class", "tiles", "sampler", "steps", "guidance", "train/val"):
             table.add_column(column)
-        rows = describe_plan(plan, parsed_shard)
-        for r in rows:
+        for r in summary.rows:
             table.add_row(str(r["class_id"]), r["name"], str(r["count"]), r["sampler"], str(r["steps"]),
                           f"{r['guidance']:g}", f"{r['train']}/{r['val']}")
         console.print(table)
-        console.print(f"bundle {bundle_obj.path} ({bundle_obj.hash[:12]}), seed {recipe_obj.seed}, "
-                      f"format {recipe_obj.output.format}, {sum(r['count'] for r in rows)} tiles; nothing written")
+        console.print("files: " + ", ".join(str(out / p) for p in summary.layout), highlight=False, soft_wrap=True)
+        b = summary.backend
+        console.print(f"bundle {summary.bundle.path} ({summary.bundle.hash[:12]}), seed {summary.recipe.seed}, "
+                      f"format {summary.recipe.output.format}, backend {b.backend} on {b.device}; "
+                      f"{summary.total} tiles; nothing written", highlight=False, soft_wrap=True)
         return
 
-    options = GenerateOptions(backend=backend, device=device, dtype=dtype, shard=parsed_shard, overwrite=overwrite,
-                              batch_size=batch_size, bundle=bundle)
     progress = Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]} tiles/s"), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=console, transient=False)

@@ -9,6 +9,7 @@ error, never a silent CPU fallback.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -114,17 +115,10 @@ class OnnxBackend:
         self._device = dev
         self.device = str(dev)
         self._ort = ort
+        _check_onnx_device(dev)
+        providers: list[Any] = [_CPU_EP]
         if dev.type == "cuda":
-            if _CUDA_EP not in ort.get_available_providers():
-                raise InputError(
-                    f"--device {dev} with --backend onnx needs onnxruntime-gpu (installed: onnxruntime "
-                    f"{ort.__version__}, providers {', '.join(ort.get_available_providers())}); see docs/bundle.md"
-                )
-            providers: list[Any] = [(_CUDA_EP, {"device_id": dev.index or 0}), _CPU_EP]
-        elif dev.type == "cpu":
-            providers = [_CPU_EP]
-        else:
-            raise InputError(f"--device {dev}: the ONNX backend runs on cpu or cuda")
+            providers = [(_CUDA_EP, {"device_id": dev.index or 0}), _CPU_EP]
         self.unet_session = _session(ort, bundle.unet_onnx, providers)
         self.decoder_session = _session(ort, bundle.decoder_onnx, providers)
         active = self.unet_session.get_providers()
@@ -176,6 +170,21 @@ class OnnxBackend:
 _NP_TYPES = {torch.float32: np.float32, torch.int64: np.int64}
 
 
+def _check_onnx_device(dev: torch.device) -> None:
+    """The ONNX backend runs on the CPU, or on CUDA with an ONNX Runtime build that has the CUDA provider."""
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise InputError(f"--device {dev}: the ONNX backend runs on cpu or cuda")
+    import onnxruntime as ort
+
+    if _CUDA_EP not in ort.get_available_providers():
+        raise InputError(
+            f"--device {dev} with --backend onnx needs onnxruntime-gpu (installed: onnxruntime "
+            f"{ort.__version__}, providers {', '.join(ort.get_available_providers())}); see docs/bundle.md"
+        )
+
+
 def _session(ort: Any, path: Any, providers: list[Any]) -> Any:
     options = ort.SessionOptions()
     # Match torch's thread budget so two runtimes never oversubscribe the cores together.
@@ -201,8 +210,9 @@ def available_providers() -> list[str]:
 def active_providers() -> list[str]:
     """Providers that really run here: a one-node ONNX model is loaded with every available local provider.
 
-    Remote providers (Azure) run no model on this machine and are left out. ORT drops a provider whose libraries fail to load (a GPU build without CUDA/cuDNN, no GPU), so
-    `get_providers()` of a live session is the truth; `available_providers()` is only the wish list.
+    Remote providers (Azure) run no model on this machine and are left out. ORT drops a provider whose
+    libraries fail to load (a GPU build without CUDA/cuDNN, no GPU), so `get_providers()` of a live session
+    is the truth; `available_providers()` is only the wish list.
     """
     import onnx
     import onnxruntime as ort
@@ -269,13 +279,50 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
+@dataclass(frozen=True)
+class BackendChoice:
+    """A checked `--backend/--device/--dtype` with every `auto` resolved; nothing is loaded yet."""
+
+    backend: str  # "onnx" | "torch"
+    device: torch.device
+    unet_dtype: torch.dtype
+
+
+def choose_backend(backend: str = "auto", device: str = "auto", dtype: str = "auto") -> BackendChoice:
+    """Check the user's `--backend`, `--device` and `--dtype` together without loading any model.
+
+    Raises `InputError` for an unknown value, CUDA that is not there, a dtype the backend cannot run, or an ONNX
+    Runtime build without the CUDA provider, so that callers can refuse before they create anything.
+    `auto` is torch on CUDA (fp16/bf16 UNets, no ORT GPU build needed) and ONNX Runtime on the CPU, where it
+    was never slower (see `make_backend`).
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"--backend: unknown value {backend!r}; allowed: {', '.join(BACKENDS)}")
+    spec = dtype.strip().lower()
+    if spec != "auto" and spec not in DTYPES:
+        raise InputError(f"--dtype: unknown value {dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    if backend == "auto":
+        backend = "torch" if dev.type == "cuda" else "onnx"
+    if backend == "onnx":
+        if spec not in ("auto", "fp32"):
+            raise InputError(f"--dtype {dtype}: the ONNX backend runs fp32 only; use --backend torch for fp16/bf16")
+        _check_onnx_device(dev)
+        return BackendChoice("onnx", dev, torch.float32)
+    unet_dtype = resolve_dtype(spec, dev)
+    if unet_dtype != torch.float32 and dev.type != "cuda":
+        # Half precision convolutions on the CPU are slow or missing; refuse rather than crawl.
+        raise InputError(f"--dtype: {_dtype_name(unet_dtype)} is only supported on CUDA; use fp32 on {dev}")
+    return BackendChoice("torch", dev, unet_dtype)
+
+
 def make_backend(
     bundle: Bundle,
     backend: Literal["auto", "onnx", "torch"] | str = "auto",
     device: str = "auto",
     dtype: Literal["auto", "fp32", "fp16", "bf16"] | str = "auto",
 ) -> Backend:
-    """Choose and build a backend from the user's `--backend`, `--device` and `--dtype`.
+    """Choose (`choose_backend`) and build a backend from the user's `--backend`, `--device` and `--dtype`.
 
     `auto` is torch on CUDA (fp16/bf16 UNets, no ORT GPU build needed) and ONNX Runtime on the CPU, where it
     was never slower. Median `denoise` call on the shared 2-core dev machine, torch eager vs ORT:
@@ -283,16 +330,10 @@ def make_backend(
     batch 4: 176 vs 138 ms (1 thread), 2.4 s vs 0.54 s (2 threads on the busy machine, where torch's
     OpenMP workers spin against other processes and ORT's thread pool degrades far less).
     """
-    if backend not in BACKENDS:
-        raise InputError(f"--backend: unknown value {backend!r}; allowed: {', '.join(BACKENDS)}")
-    dev = resolve_device(device)
-    if backend == "auto":
-        backend = "torch" if dev.type == "cuda" else "onnx"
-    if backend == "onnx":
-        if dtype not in ("auto", "fp32"):
-            raise InputError(f"--dtype {dtype}: the ONNX backend runs fp32 only; use --backend torch for fp16/bf16")
-        return OnnxBackend(bundle, dev)
-    return TorchBackend(bundle, dev, resolve_dtype(dtype, dev))
+    choice = choose_backend(backend, device, dtype)
+    if choice.backend == "onnx":
+        return OnnxBackend(bundle, choice.device)
+    return TorchBackend(bundle, choice.device, choice.unet_dtype)
 
 
 def time_backend(backend: Backend, bundle: Bundle, batch_size: int = 8, repeats: int = 5) -> float:

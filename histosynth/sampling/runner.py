@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import yaml
@@ -90,16 +90,49 @@ def load_plan(recipe_path: Path, bundle_override: Optional[Path] = None, verify:
 
 
 def describe_plan(plan: Plan, shard: Shard = Shard()) -> list[dict]:
-    """Per-class rows of what a run would make (for --dry-run and the summary)."""
-    counts: dict[int, int] = {}
-    for item in plan.items(shard):
-        counts[item.class_id] = counts.get(item.class_id, 0) + 1
+    """Per-class rows of what a run would make (for --dry-run and the summary).
+
+    Counted from the shard's range, never by listing images, so a plan of 10^9 tiles costs what one of 10 does.
+    """
+    counts = plan.shard_counts(shard)
     rows = []
     for c in plan.classes:
         s = c.sampler
-        rows.append({"class_id": c.class_id, "name": c.name, "count": counts.get(c.class_id, 0), "sampler": s.name,
+        rows.append({"class_id": c.class_id, "name": c.name, "count": counts[c.class_id], "sampler": s.name,
                      "steps": s.steps, "guidance": s.guidance, "train": c.n_train, "val": c.count - c.n_train})
     return rows
+
+
+@dataclass
+class PlanSummary:
+    """What `generate --dry-run` shows: the plan per class, where files go, and the checked backend choice."""
+
+    recipe: Recipe
+    bundle: Any  # histosynth.bundle.store.Bundle
+    rows: list[dict]
+    layout: list[str]  # one example path per class and split, relative to --out
+    backend: Any  # histosynth.sampling.backends.BackendChoice
+
+    @property
+    def total(self) -> int:
+        return sum(r["count"] for r in self.rows)
+
+
+def summarize_plan(recipe_path: Path, options: GenerateOptions = GenerateOptions()) -> PlanSummary:
+    """Everything `generate` would check and make, without loading a model or writing a file.
+
+    Costs the same for 10 tiles as for 10^9: nothing here lists the images.
+    """
+    from histosynth.sampling.backends import choose_backend
+
+    recipe, bundle, plan = load_plan(recipe_path, options.bundle)
+    choice = choose_backend(options.backend, options.device, options.dtype)
+    layout = []
+    for c in plan.classes:
+        layout.append(plan.relpath(c, 0))
+        if c.n_train < c.count:
+            layout.append(plan.relpath(c, c.count - 1))  # the first val/ file
+    return PlanSummary(recipe, bundle, describe_plan(plan, options.shard), layout, choice)
 
 
 # --- the output folder's state ---------------------------------------------------------------------------------
@@ -133,24 +166,61 @@ def _read_journals(out: Path, plan: Plan) -> tuple[dict[int, bytearray], list[tu
     return done, sessions
 
 
-def _prepare_folder(out: Path, plan: Plan, overwrite: bool) -> None:
-    """Refuse a folder holding something else; with `overwrite`, remove the previous histosynth set first."""
+def _check_folder(out: Path, plan: Plan, overwrite: bool) -> bool:
+    """Refuse a folder holding something else, changing nothing; True if an earlier set must be removed first."""
     run_file = out / META / "run.json"
     if run_file.is_file():
         try:
-            previous = json.loads(run_file.read_text(encoding="utf-8")).get("fingerprint")
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            previous = None
-        if previous == plan.fingerprint():
-            return  # the same plan: resume
+            previous = {}
+        if not isinstance(previous, dict):
+            previous = {}
+        if previous.get("fingerprint") == plan.fingerprint():
+            return False  # the same plan: resume
         if not overwrite:
-            raise InputError(f"--out {out}: holds tiles of a different recipe or bundle; "
+            changes = plan_differences(previous.get("plan"), plan.describe())
+            what = f" ({'; '.join(changes)})" if changes else ""
+            raise InputError(f"--out {out}: holds tiles of a different recipe or bundle{what}; "
                              "use another folder, or --overwrite to replace them")
-        _remove_previous_set(out)
-    elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"--out {out}: folder is not empty and was not written by histosynth generate; "
-                             "use an empty folder, or --overwrite to write into it anyway")
+        return True
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"--out {out}: folder is not empty and was not written by histosynth generate; "
+                         "use an empty folder, or --overwrite to write into it anyway")
+    return False
+
+
+def _flatten(value: object, prefix: str, into: dict[str, object]) -> dict[str, object]:
+    """Nested plan data as {"a.b.c": leaf}; the class list becomes a mapping by class name."""
+    if prefix == "classes" and isinstance(value, list):
+        value = {str(c.get("name")): {k: v for k, v in c.items() if k != "name"} for c in value if isinstance(c, dict)}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), into)
+    else:
+        into[prefix] = value
+    return into
+
+
+def plan_differences(before: object, after: dict, limit: int = 6) -> list[str]:
+    """The settings that differ between two `Plan.describe()` dicts, as `key: old -> new` lines.
+
+    Classes are matched by name, so a changed count reads `classes.tumour.count: 100 -> 200`. Returns [] when
+    `before` is not a plan description (an unreadable run.json).
+    """
+    if not isinstance(before, dict):
+        return []
+    old, new = _flatten(before, "", {}), _flatten(after, "", {})
+    changes = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key, "(none)") != new.get(key, "(none)"):
+            a, b = old.get(key, "(none)"), new.get(key, "(none)")
+            if key == "bundle_hash":
+                a, b = str(a)[:12], str(b)[:12]  # a readable prefix is enough to tell bundles apart
+            changes.append(f"{key}: {a} -> {b}")
+    if len(changes) > limit:
+        changes = changes[:limit] + [f"and {len(changes) - limit} more"]
+    return changes
 
 
 def _remove_previous_set(out: Path) -> None:
@@ -258,14 +328,18 @@ def generate(recipe_path: Path, out_dir: Path, options: GenerateOptions = Genera
     `on_progress(done, total)` is called after each batch. Raises `InputError` for bad input before anything is
     written, `RunError` for failures while running.
     """
-    from histosynth.sampling.backends import make_backend
+    from histosynth.sampling.backends import choose_backend, make_backend
 
+    # Every check comes before anything is created: a refused run leaves no folder behind.
     recipe, bundle, plan = load_plan(recipe_path, options.bundle)
+    choose_backend(options.backend, options.device, options.dtype)
     out = Path(out_dir)
     shard = options.shard
-    _prepare_folder(out, plan, options.overwrite)
     check_writable(out)
+    replace = _check_folder(out, plan, options.overwrite)
     backend = make_backend(bundle, backend=options.backend, device=options.device, dtype=options.dtype)
+    if replace:
+        _remove_previous_set(out)
     _write_metadata(out, plan, recipe, bundle)
     _remove_stale_temporaries(out, plan, shard)
     done, sessions = _read_journals(out, plan)

@@ -10,7 +10,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from histosynth.errors import RunError
+from histosynth.errors import InputError, RunError
 
 TMP_MARK = ".tmp-"
 
@@ -53,11 +53,21 @@ def write_atomic(path: Path, data: bytes, tag: str = "") -> None:
         raise RunError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def check_writable(folder: Path) -> None:
-    """Fail early, before any model is loaded, if `folder` cannot be created or written."""
+def check_writable(folder: Path, option: str = "--out") -> None:
+    """Fail early, before any model is loaded and creating nothing, if `folder` cannot be an output folder.
+
+    A file where the folder or one of its parents should be is bad input (`InputError`, naming `option`); a
+    folder that cannot be written is a `RunError`. The nearest existing folder gets a probe file, removed at
+    once, because permission bits do not tell the whole story (read-only mounts, ACLs).
+    """
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "" if existing == Path(folder) else f" (in the way of {folder})"
+        raise InputError(f"{option} {folder}: {existing} is a file, not a folder{where}; choose a folder path")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".histosynth-write-test{TMP_MARK}{os.getpid()}"
+        probe = existing / f".histosynth-write-test{TMP_MARK}{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
