@@ -66,6 +66,8 @@ class VQGANLossConfig:
     disc_weight: float = 0.5  # multiplies the adaptive GAN weight (taming: 0.8 with LPIPS)
     adaptive_weight: bool = True  # taming's grad-norm ratio at the decoder's last layer; False: lambda = 1
     adaptive_weight_max: float = 1e4  # clamp of lambda
+    lecam_weight: float = 0.0  # LeCam regulariser of the discriminator (Tseng et al. 2021); 0: off
+    lecam_decay: float = 0.99  # EMA decay of the mean real/fake logits that LeCam anchors to
     discriminator: DiscriminatorConfig = DiscriminatorConfig()
 
     def validate(self, path: str) -> None:
@@ -76,6 +78,8 @@ class VQGANLossConfig:
         require(self.codebook_weight > 0, f"{path}.codebook_weight",
                 "must be > 0 (the codebook learns only through this term)")
         require(self.adaptive_weight_max > 0, f"{path}.adaptive_weight_max", "must be > 0")
+        require(self.lecam_weight >= 0, f"{path}.lecam_weight", "must be >= 0")
+        require(0 <= self.lecam_decay < 1, f"{path}.lecam_decay", "must be in [0, 1)")
         require(self.l1_weight + self.ms_ssim_weight + self.lpips_weight * (self.lpips_weights is not None) > 0,
                 f"{path}.l1_weight", "some reconstruction term (l1, ms_ssim or lpips) must have a positive weight")
 
@@ -83,6 +87,31 @@ class VQGANLossConfig:
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Hinge loss of the discriminator: ``mean relu(1 - real) + mean relu(1 + fake)``, halved as in taming."""
     return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+class LeCamEMA(nn.Module):
+    """The LeCam regulariser (Tseng et al. 2021, eq. 3) and its state, the EMAs of the mean logits.
+
+    ``R = mean(relu(D(x) - a_fake)^2) + mean(relu(a_real - D(x^))^2)`` keeps the discriminator's outputs
+    near the moving anchors instead of letting them run apart; it stabilises GANs trained on little data,
+    where the discriminator otherwise wins, its gradients vanish and the generator falls back to blur.
+    The anchors are buffers, so a resume checkpoint carries them.
+    """
+
+    def __init__(self, decay: float = 0.99) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("real", torch.zeros(()))
+        self.register_buffer("fake", torch.zeros(()))
+
+    def forward(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        """The penalty for this batch; updates the anchors afterwards (they never carry gradients)."""
+        penalty = (F.relu(real_logits - self.fake).pow(2).mean()
+                   + F.relu(self.real - fake_logits).pow(2).mean())
+        with torch.no_grad():
+            self.real.lerp_(real_logits.detach().float().mean(), 1 - self.decay)
+            self.fake.lerp_(fake_logits.detach().float().mean(), 1 - self.decay)
+        return penalty
 
 
 def feature_matching_loss(real_features: list[torch.Tensor], fake_features: list[torch.Tensor]) -> torch.Tensor:
@@ -112,6 +141,7 @@ class VQGANLoss(nn.Module):
         super().__init__()
         self.config = config
         self.lpips = LPIPS.from_file(config.lpips_weights) if config.lpips_weights is not None else None
+        self.lecam = LeCamEMA(config.lecam_decay) if config.lecam_weight > 0 else None
 
     def reconstruction_loss(self, images: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Pixel, structural and (optional) perceptual terms, weighted; with their unweighted values."""
@@ -139,10 +169,12 @@ class VQGANLoss(nn.Module):
         quant: QuantizerOutput,
         discriminator: nn.Module | None,
         last_layer: torch.Tensor | None,
+        gan_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder loss; pass `discriminator=None` before the GAN warm-up ends (no GAN/feature terms).
 
-        `last_layer` is the decoder's last weight (`VQGAN.decoder_last_layer`) for the adaptive weight.
+        `last_layer` is the decoder's last weight (`VQGAN.decoder_last_layer`) for the adaptive weight;
+        `gan_scale` in [0, 1] ramps the GAN and feature-matching terms in after the discriminator's warm-up.
         """
         c = self.config
         rec, logs = self.reconstruction_loss(images, reconstructions)
@@ -158,8 +190,8 @@ class VQGANLoss(nn.Module):
             fake_logits = logits[n:]
             if c.feature_matching_weight > 0:
                 fm = feature_matching_loss([f[:n] for f in features], [f[n:] for f in features])
-                rec = rec + c.feature_matching_weight * fm
-                total = total + c.feature_matching_weight * fm
+                rec = rec + gan_scale * c.feature_matching_weight * fm
+                total = total + gan_scale * c.feature_matching_weight * fm
                 logs["feature_matching"] = fm.detach()
             if c.disc_weight > 0:
                 gan = -fake_logits.mean()
@@ -167,7 +199,7 @@ class VQGANLoss(nn.Module):
                     weight = adaptive_gan_weight(rec, gan, last_layer, c.adaptive_weight_max)
                 else:
                     weight = torch.ones((), device=images.device)
-                total = total + c.disc_weight * weight * gan
+                total = total + gan_scale * c.disc_weight * weight * gan
                 logs["gan"] = gan.detach()
                 logs["gan_weight"] = weight
         logs["loss"] = total.detach()
@@ -179,8 +211,13 @@ class VQGANLoss(nn.Module):
         n = images.shape[0]
         logits = discriminator(torch.cat([images.detach(), reconstructions.detach()], dim=0))
         loss = hinge_d_loss(logits[:n], logits[n:])
-        return loss, {
+        logs = {
             "disc_loss": loss.detach(),
             "logits_real": logits[:n].detach().mean(),
             "logits_fake": logits[n:].detach().mean(),
         }
+        if self.lecam is not None:
+            lecam = self.lecam(logits[:n].float(), logits[n:].float())
+            loss = loss + self.config.lecam_weight * lecam
+            logs["lecam"] = lecam.detach()
+        return loss, logs

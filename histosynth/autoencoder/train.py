@@ -66,8 +66,19 @@ class VQGANTrainConfig:
     betas: tuple[float, float] = (0.5, 0.9)  # taming's Adam betas for both networks
     grad_clip: float | None = None  # clip the autoencoder's gradient norm; None: no clipping
     steps: int = 20000  # optimizer steps in total (a resumed run continues up to this)
-    disc_start: int = 5000  # step at which the discriminator, GAN and feature-matching terms switch on
+    disc_start: int = 5000  # step at which the discriminator starts to train
+    disc_warmup: int = 0  # the discriminator trains alone this many steps before the GAN terms reach the
+    # autoencoder: a random discriminator's gradients are noise that undoes reconstruction progress
+    gan_ramp: int = 0  # then the GAN and feature-matching terms ramp linearly from 0 to full over this many steps
     augment: bool = True  # random flips / 90-degree rotations of each tile (histology has no orientation)
+    crop_size: int | None = None  # train on random crops of this many px (a multiple of f); None: whole tiles.
+    # The networks are fully convolutional, so 48-px crops of 96-px tiles train the same weights at about a
+    # quarter of the cost per tile (benchmarks/train_speed.py); validation always runs on whole tiles.
+    train_parts: Literal["all", "decoder"] = "all"  # "decoder": encoder and codebook frozen (the latent
+    # space, hence every diffusion model trained on it, stays valid), only the decoder and discriminator learn
+    init_from: Path | None = None  # start from this VQ-GAN export checkpoint (required with train_parts: decoder)
+    autocast: Literal["none", "bf16"] = "none"  # bf16 autocast of the forward passes (CPU AMX/AVX512-BF16, CUDA)
+    channels_last: bool = False  # NHWC memory layout (pays with bf16 on CPUs with AMX)
     dead_code_every: int = 200  # every M steps re-initialise unused codes from current encoder outputs; 0: never
     dead_code_threshold: float = 0.01  # a code is dead when its usage EMA is below this share of uniform use
     codebook_init_step: int = 20  # at this step every code is re-initialised from encoder outputs; -1: never
@@ -102,6 +113,20 @@ class VQGANTrainConfig:
         require(self.grad_clip is None or self.grad_clip > 0, f"{path}.grad_clip", "must be > 0")
         require(self.steps >= 1, f"{path}.steps", "must be at least 1")
         require(self.disc_start >= 0, f"{path}.disc_start", "must be >= 0")
+        require(self.crop_size is None or (0 < self.crop_size <= self.tile_size and self.crop_size % f == 0),
+                f"{path}.crop_size", f"must be a multiple of {f} in [{f}, tile_size={self.tile_size}], "
+                f"or null for whole tiles; got {self.crop_size}")
+        require(self.crop_size is None or self.loss.ms_ssim_weight == 0
+                or ms_ssim_scales(self.crop_size, self.crop_size) >= 1, f"{path}.loss.ms_ssim_weight",
+                f"crops of {self.crop_size} px are too small for MS-SSIM; set 0 or use larger crops")
+        require(self.train_parts in ("all", "decoder"), f"{path}.train_parts",
+                f"must be 'all' or 'decoder', got {self.train_parts!r}")
+        require(self.train_parts == "all" or self.init_from is not None, f"{path}.init_from",
+                "required with train_parts: decoder (the frozen encoder and codebook come from it)")
+        require(self.autocast in ("none", "bf16"), f"{path}.autocast",
+                f"must be 'none' or 'bf16', got {self.autocast!r}")
+        require(self.disc_warmup >= 0, f"{path}.disc_warmup", "must be >= 0")
+        require(self.gan_ramp >= 0, f"{path}.gan_ramp", "must be >= 0")
         require(self.dead_code_every >= 0, f"{path}.dead_code_every", "must be >= 0")
         require(self.dead_code_threshold >= 0, f"{path}.dead_code_threshold", "must be >= 0")
         require(0.0 <= self.ema_decay < 1.0, f"{path}.ema_decay", "must be in [0, 1)")
@@ -175,6 +200,43 @@ def random_dihedral_batch(images: torch.Tensor) -> torch.Tensor:
                 x = torch.rot90(images.index_select(0, sel), r, dims=(-2, -1))
                 out[sel] = torch.flip(x, dims=(-1,)) if f else x
     return out
+
+
+def random_crop_pair(codes: torch.Tensor, images: torch.Tensor, crop: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random window of each latent map `codes (N, C, h, w)` and of its image `(N, 3, h*f, w*f)`.
+
+    `crop` is in image pixels (a multiple of f); offsets are on the latent grid, so the crop of the image is
+    exactly what the cropped latents decode to (global torch RNG: resumed runs replay it).
+    """
+    n, _, h, w = codes.shape
+    c = crop // f
+    ys = torch.randint(0, h - c + 1, (n,)).tolist()
+    xs = torch.randint(0, w - c + 1, (n,)).tolist()
+    code_crops = torch.stack([codes[i, :, y:y + c, x:x + c] for i, (y, x) in enumerate(zip(ys, xs))])
+    image_crops = torch.stack([images[i, :, y * f:(y + c) * f, x * f:(x + c) * f]
+                               for i, (y, x) in enumerate(zip(ys, xs))])
+    return code_crops, image_crops
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float(v) for v in value)
+    return value
+
+
+class Autocast(torch.nn.Module):
+    """Runs `module` under bf16 autocast and hands float32 outputs back, so losses and metrics stay fp32."""
+
+    def __init__(self, module: torch.nn.Module, enabled: bool, device_type: str) -> None:
+        super().__init__()
+        self.module, self.enabled, self.device_type = module, enabled, device_type
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled):
+            out = self.module(*args, **kwargs)
+        return _to_float(out) if self.enabled else out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,14 +404,31 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
                         persistent_workers=config.num_workers > 0)
 
     model = VQGAN(config.model).to(device)
+    if config.init_from is not None:
+        init = load_vqgan(config.init_from)
+        if to_dict(init.config) != to_dict(config.model):
+            raise InputError(f"vqgan_config.init_from: {config.init_from} has another model config than "
+                             "vqgan_config.model; copy its model section")
+        model.load_state_dict(init.state_dict())
+    decoder_only = config.train_parts == "decoder"
+    if decoder_only:
+        # Encoder and codebook frozen: the latents every diffusion model was trained on stay what they are.
+        model.encoder.requires_grad_(False)
+        model.quantizer.requires_grad_(False)
     disc = config.loss.discriminator.build(config.model.in_channels).to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+        disc.to(memory_format=torch.channels_last)
     loss_fn = VQGANLoss(config.loss).to(device)
-    opt_g = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+    trainable = model.decoder.parameters() if decoder_only else model.parameters()
+    opt_g = torch.optim.Adam(trainable, lr=config.lr, betas=config.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas)
     ema = EMA(model, config.ema_decay) if config.ema_decay > 0 else None
     modules: dict[str, torch.nn.Module] = {"vqgan": model, "discriminator": disc}
     if ema is not None:
         modules["ema"] = ema_as_module(ema)
+    if loss_fn.lecam is not None:
+        modules["lecam"] = loss_fn.lecam
     optimizers = {"vqgan": opt_g, "discriminator": opt_d}
 
     state = TrainState()
@@ -366,8 +445,37 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
             seed_everything(config.seed, info.rank, offset=state.step)
             state.epoch, state.epoch_position = state.epoch + 1, 0
 
-    ddp_model = dist.wrap_ddp(model, info)
-    ddp_disc = dist.wrap_ddp(disc, info)
+    bf16 = config.autocast == "bf16"
+    ddp_model = Autocast(dist.wrap_ddp(model.decoder if decoder_only else model, info), bf16, device.type)
+    ddp_disc = Autocast(dist.wrap_ddp(disc, info), bf16, device.type)
+    plain_disc = Autocast(disc, bf16, device.type)
+    f = config.model.downsample_factor
+    # A fine-tuned codebook is already data-initialised; a frozen one must not be touched at all.
+    codebook_init_step = -1 if config.init_from is not None else config.codebook_init_step
+    dead_code_every = 0 if decoder_only else config.dead_code_every
+
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """(reconstructions, quantizer output, the targets they reconstruct), on crops when configured."""
+        if decoder_only:
+            with torch.no_grad():
+                # The frozen encoder only picks codes: bf16 moves a few latents across a code boundary, which
+                # the decoder sees as harmless noise, and costs a third of the fp32 forward (train_speed.py).
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    latents = model.encode(images.contiguous(memory_format=torch.channels_last)
+                                           if config.channels_last else images)
+                quant = model.quantize(latents.float())
+            codes = quant.quantized.detach()
+            if config.crop_size is not None and config.crop_size < images.shape[-1]:
+                codes, images = random_crop_pair(codes, images, config.crop_size, f)
+            if config.channels_last:
+                codes = codes.contiguous(memory_format=torch.channels_last)
+            return ddp_model(codes), quant, images
+        if config.crop_size is not None and config.crop_size < images.shape[-1]:
+            _, images = random_crop_pair(images[:, :, ::f, ::f], images, config.crop_size, f)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        recon, quant = ddp_model(images)
+        return recon, quant, images
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -427,11 +535,16 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
                 images = random_dihedral_batch(images)
 
             # Autoencoder step (discriminator frozen; it only passes gradients to the reconstructions).
-            gan_on = state.step >= config.disc_start
+            disc_on = state.step >= config.disc_start
+            gan_step = state.step - config.disc_start - config.disc_warmup  # steps since the GAN terms began
+            gan_scale = min(1.0, (gan_step + 1) / config.gan_ramp) if config.gan_ramp else 1.0
+            gan_on = gan_step >= 0
             disc.requires_grad_(False)
-            recon, quant = ddp_model(images)
-            g_loss, logs = loss_fn.generator_loss(images, recon, quant, disc if gan_on else None,
-                                                  model.decoder_last_layer)
+            recon, quant, images = forward(images)
+            g_loss, logs = loss_fn.generator_loss(images, recon, quant, plain_disc if gan_on else None,
+                                                  model.decoder_last_layer, gan_scale=gan_scale)
+            if gan_on:
+                logs["gan_scale"] = torch.tensor(gan_scale)
             if not torch.isfinite(g_loss):
                 raise RunError(f"step {state.step}: the autoencoder loss is {g_loss.item()}; lower lr or check data")
             opt_g.zero_grad(set_to_none=True)
@@ -441,8 +554,8 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
             opt_g.step()
             disc.requires_grad_(True)
 
-            # Discriminator step (hinge loss), after the warm-up.
-            if gan_on:
+            # Discriminator step (hinge loss, optional LeCam), from disc_start.
+            if disc_on:
                 d_loss, d_logs = loss_fn.discriminator_loss(images, recon, ddp_disc)
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
@@ -455,13 +568,13 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
             state.epoch, state.epoch_position = epoch, position
             logs["perplexity"] = quant.perplexity.detach()
             logs["batch_usage"] = quant.usage.detach()
-            if state.step == config.codebook_init_step:
+            if state.step == codebook_init_step:
                 # Data-dependent codebook init: the default +-1/K codes lie far from the encoder's outputs, so
                 # only a handful get picked (measured: perplexity ~5 of 1024 codes after 250 steps without it).
                 model.quantizer.usage_ema.zero_()
                 logs["dead_codes_reset"] = torch.tensor(
                     float(_reset_dead_codes(model, images, config, state.step, opt_g)))
-            elif config.dead_code_every and state.step % config.dead_code_every == 0:
+            elif dead_code_every and state.step % dead_code_every == 0:
                 logs["dead_codes_reset"] = torch.tensor(
                     float(_reset_dead_codes(model, images, config, state.step, opt_g)))
             for k, v in logs.items():
