@@ -261,7 +261,7 @@ def test_resume_checkpoint_roundtrip_without_pickle(tmp_path: Path) -> None:
 def test_ema_moves_toward_the_weights() -> None:
     net = torch.nn.Linear(1, 1, bias=False)
     net.weight.data.fill_(0.0)
-    ema = EMA(net, decay=0.5)
+    ema = EMA(net, decay=0.5, warmup=False)
     net.weight.data.fill_(1.0)
     ema.update(net)
     ema.update(net)

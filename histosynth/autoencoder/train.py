@@ -527,7 +527,8 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
     val_metrics: dict[str, float] = {}
 
     stream = resumable_batches(loader, sampler, state.epoch, state.epoch_position)
-    with TrainProgress(config.steps, state.step, "train vqgan", enabled=show_progress) as bar:
+    with TrainProgress(config.steps, state.step, "train vqgan", enabled=show_progress,
+                       log_file=run_dir / "train.log" if info.is_main else None) as bar:
         while state.step < config.steps:
             epoch, position, images = next(stream)
             images = images.to(device, non_blocking=True)

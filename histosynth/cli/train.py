@@ -107,6 +107,18 @@ def _diffusion_command(kind: str, config: Path, run_dir: Path, steps: Optional[i
         start = f"resumed from step {result.resumed_from}; " if result.resumed_from is not None else ""
         loss = f", loss {result.final_loss:.4g}" if result.final_loss == result.final_loss else ""  # nan: no step run
         console.print(f"{start}{kind} at step {result.steps}{loss}; EMA weights: {result.unet}", highlight=False)
+        print_verdict(result.verdict)
+
+
+def print_verdict(verdict: Optional[dict]) -> None:
+    """Print the post-training sample check (diffusion.verdict) so that noise cannot go unnoticed."""
+    if not verdict:
+        return
+    style = {"ok": "green", "poor": "yellow", "noise": "bold red", "unchecked": "yellow"}.get(verdict["level"], "")
+    console.print(f"[{style}]sample check: {verdict['message']}[/]", highlight=False)
+    if verdict["level"] == "noise":
+        console.print("[bold red]WARNING: this model generates noise, not tissue. Train longer (docs/training.md, "
+                      "'Minimum training for a usable model') before exporting or generating.[/]", highlight=False)
 
 
 @handle_errors

@@ -99,6 +99,8 @@ class LDMTrainConfig:
     sample_every: int = 0  # steps between sample grids; 0 = only at the end
     sample_count: int = 16  # images in a sample grid
     sample_steps: int = 10  # DDIM steps of a sample grid (cheap preview, not final quality)
+    check_samples: int = 64  # after training, this many tiles are generated and compared with training tiles
+    # (diffusion.verdict: colour/contrast/flat statistics and a feature distance); 0 = no check; needs vqgan
     vqgan: Optional[Path] = None  # VQ-GAN checkpoint to decode sample grids; None = latents shown as RGB
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: str = ""  # free-text description of the training data, recorded in the checkpoint (provenance)
@@ -124,6 +126,7 @@ class LDMTrainConfig:
         require(self.sample_every >= 0, f"{path}.sample_every", "must be >= 0 (0 = only at the end)")
         require(self.sample_count >= 0, f"{path}.sample_count", "must be >= 0 (0 = no sample grids)")
         require(self.sample_steps >= 1, f"{path}.sample_steps", "must be at least 1")
+        require(self.check_samples >= 0, f"{path}.check_samples", "must be >= 0 (0 = no check)")
         if self.joint_imc:
             require(self.labels is None, f"{path}.labels",
                     "must be null with joint_imc (the labels come from the IMC head)")
@@ -399,6 +402,7 @@ class TrainResult:
     final_loss: float  # mean diffusion loss over the last logging window (nan if none this run)
     resumed_from: Optional[int]  # the step a resumed run started from
     model: Optional[nn.Module] = None  # the EMA UNet (on every rank; only rank 0 writes it to `unet`)
+    verdict: Optional[dict[str, Any]] = None  # diffusion.verdict's check of a small sample (rank 0, with a vqgan)
 
 
 def train_ldm(config: LDMTrainConfig, run_dir: str | Path, *, progress: bool = True) -> TrainResult:
@@ -582,7 +586,8 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
     order: list[int] = []
     order_epoch = -1
     trained = False
-    with TrainProgress(config.steps, state.step, description=f"train {kind}", enabled=progress) as bar:
+    with TrainProgress(config.steps, state.step, description=f"train {kind}", enabled=progress,
+                       log_file=run_dir / "train.log" if info.is_main else None) as bar:
         while state.step < config.steps:
             if order_epoch != state.epoch:  # the epoch's order is a pure function of (seed, epoch)
                 sampler.set_epoch(state.epoch)
@@ -657,8 +662,34 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
         save_checkpoint(shipped, out, to_dict(model_config), extra)
         if head is not None:
             head.save(run_dir / "imc_head.safetensors")
+    verdict = None
+    if info.is_main and decoder is not None and config.check_samples > 0:
+        verdict = _check(shipped, schedule, decoder, tuple(latent_shape), scale, model_config.num_classes,
+                         [data.keys[i] for i in rows], config, run_dir, logger, state.step)
     dist.barrier()
-    return TrainResult(unet=out, steps=state.step, final_loss=last_loss, resumed_from=resumed_from, model=shipped)
+    return TrainResult(unet=out, steps=state.step, final_loss=last_loss, resumed_from=resumed_from, model=shipped,
+                       verdict=verdict)
+
+
+def _check(unet: nn.Module, schedule: NoiseSchedule, decoder: nn.Module, latent_shape: tuple[int, ...],
+           latent_scale: float, num_classes: int, tile_paths: list[str], config: LDMTrainConfig, run_dir: Path,
+           logger: MetricsLogger, step: int) -> dict[str, Any]:
+    """Run `diffusion.verdict.check_samples` on the EMA model; write verdict.json and log it."""
+    from histosynth.diffusion.verdict import check_samples, verdict_record
+    from histosynth.io import write_json
+
+    existing = [p for p in tile_paths if Path(p).is_file()]
+    if not existing:
+        record = {"level": "unchecked", "message": "no training tile file is readable: samples not checked",
+                  "step": step}
+    else:
+        class_ids = _grid_classes(num_classes, config.check_samples)
+        verdict = check_samples(unet, schedule, decoder, latent_shape, latent_scale, class_ids, existing,
+                                seed=config.seed)
+        record = verdict_record(verdict, step=step, samples=config.check_samples)
+    write_json(run_dir / "verdict.json", record)
+    logger.log(step, {"level": record["level"], "message": record["message"]}, split="verdict")
+    return record
 
 
 def _grid_classes(num_classes: int, count: int) -> torch.Tensor:

@@ -110,8 +110,16 @@ def evaluate_recon(
     max_images: int | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    write_dir: str | Path | None = None,
 ) -> ReconMetrics:
-    """SSIM, MS-SSIM, PSNR and MSE over the tiles in ``tiles`` (all, or a seeded subset) and their reconstructions."""
+    """SSIM, MS-SSIM, PSNR and MSE over the tiles in ``tiles`` (all, or a seeded subset) and their reconstructions.
+
+    With `write_dir`, each reconstruction is also written there as PNG under the tile's relative path (so
+    `evaluate fid` / `evaluate budget` can score the autoencoder alone); each file appears whole or not at all.
+    The colour, contrast and flat-tile statistics of tiles and reconstructions go into ``inputs["tile_stats"]``.
+    """
+    from histosynth.metrics.tilestats import compare, tile_stats
+    from histosynth.io import atomic_path
     from histosynth.runtime.devices import resolve_device
 
     if batch_size < 1:
@@ -121,8 +129,18 @@ def evaluate_recon(
     files = select_files(list_images(tiles), max_images, seed)
     values: dict[str, list[float]] = {name: [] for name in METRICS}
     scales = 0
+    root = Path(tiles)
+    out_dir = Path(write_dir) if write_dir is not None else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(f"--write: {out_dir} exists and is not a folder")
+        if out_dir.resolve() == root.resolve():
+            raise InputError("--write: must differ from --tiles (the reconstructions would replace the tiles)")
+    originals_u8: list[np.ndarray] = []
+    recon_u8: list[np.ndarray] = []
     for start in range(0, len(files), batch_size):
-        batch = [read_rgb(p) for p in files[start : start + batch_size]]
+        names = files[start : start + batch_size]
+        batch = [read_rgb(p) for p in names]
         shapes = {im.shape for im in batch}
         if len(shapes) != 1:
             raise InputError(f"{tiles}: tiles must all have one size; found {sorted(shapes)}")
@@ -130,9 +148,28 @@ def evaluate_recon(
         scales = ms_ssim_scales(x.shape[-2], x.shape[-1])
         if scales < 1:
             raise InputError(f"{tiles}: tiles of {x.shape[-1]} px are smaller than the 11-px SSIM window")
-        for name, vals in paired_metrics(x, reconstruct(x)).items():
+        recon = reconstruct(x)
+        for name, vals in paired_metrics(x, recon).items():
             values[name].extend(vals)
+        u8 = ((recon.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        originals_u8.append(np.stack(batch))
+        recon_u8.append(u8)
+        if out_dir is not None:
+            from PIL import Image
+
+            for path, image in zip(names, u8):
+                target = (out_dir / path.relative_to(root)).with_suffix(".png")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(target) as tmp:
+                    Image.fromarray(image).save(tmp, format="PNG")
         if progress:
             progress(min(start + batch_size, len(files)), len(files))
     info.update({"tiles": str(tiles), "device": str(dev)})
+    if originals_u8:
+        real_stats = tile_stats(np.concatenate(originals_u8))
+        rec_stats = tile_stats(np.concatenate(recon_u8))
+        info["tile_stats"] = {"real": real_stats.to_dict(), "reconstruction": rec_stats.to_dict(),
+                              "vs_real": compare(rec_stats, real_stats)}
+    if out_dir is not None:
+        info["written_to"] = str(out_dir)
     return ReconMetrics(values, scales, info)

@@ -32,6 +32,7 @@ from histosynth.errors import InputError
 from histosynth.pipeline.config import PipelineConfig
 
 DONE = "done.json"
+LOG = "pipeline.log"
 STAGE_NAMES = ("tile", "vqgan", "encode", "ldm", "cluster", "review", "cldm", "export")
 
 
@@ -189,7 +190,18 @@ class _Pipeline:
         from histosynth.diffusion.train import train_ldm
 
         result = train_ldm(self._diffusion(self.config.ldm), self.dirs["ldm"], progress=self.progress)
-        return {"step": result.steps, "final_loss": result.final_loss}
+        self._report_verdict("ldm", result.verdict)
+        return {"step": result.steps, "final_loss": result.final_loss, "verdict": result.verdict}
+
+    def _report_verdict(self, stage: str, verdict: Optional[dict[str, Any]]) -> None:
+        """Log the post-training sample check; noise gets a warning no one can miss."""
+        if not verdict:
+            return
+        self.log(f"  {stage} sample check: {verdict['level']}: {verdict['message']}")
+        if verdict["level"] == "noise":
+            self.log(f"  WARNING: the {stage} model generates noise, not tissue. The pipeline goes on, but this "
+                     "model is not usable: raise its steps (docs/training.md, 'Minimum training for a usable "
+                     f"model') and rerun after deleting {self.dirs[stage]}.")
 
     def run_cluster(self) -> dict[str, Any]:
         from histosynth.clusters.select import run_cluster
@@ -227,7 +239,8 @@ class _Pipeline:
         else:
             paths["labels"] = self.tile_labels
         result = train_cldm(self._diffusion(cfg, **paths), self.dirs["cldm"], progress=self.progress)
-        return {"step": result.steps, "final_loss": result.final_loss}
+        self._report_verdict("cldm", result.verdict)
+        return {"step": result.steps, "final_loss": result.final_loss, "verdict": result.verdict}
 
     def run_export(self) -> dict[str, Any]:
         from histosynth.bundle.export import export_from_checkpoints
@@ -285,23 +298,58 @@ def review_message(run_dir: Path) -> str:
     )
 
 
+def _resume_point(folder: Path) -> str:
+    """What a stage folder already holds from an interrupted run ('' when nothing)."""
+    from histosynth.runtime.checkpointing import latest_checkpoint
+
+    if not folder.is_dir():
+        return ""
+    ckpt = latest_checkpoint(folder / "checkpoints")
+    if ckpt is not None:
+        return f"from checkpoint {ckpt.name}"
+    partial = folder / "latents" / "encode-progress.json"
+    if partial.is_file():
+        return "from a partly encoded latent cache"
+    return ""
+
+
 def run_pipeline(config: PipelineConfig, run_dir: str | Path, dry_run: bool = False, *, progress: bool = True,
                  log: Callable[[str], None] = lambda _msg: None) -> PipelineResult:
     """Run every unfinished stage in order (or, with `dry_run`, only return the plan and write nothing)."""
     run_dir = Path(run_dir)
+    log_path = run_dir / LOG
+
+    def log_both(message: str) -> None:
+        # RUN/pipeline.log: a record of what ran, what resumed and how each stage ended, beside each stage's
+        # own train.log (per-step progress) and metrics.jsonl.
+        with log_path.open("a", encoding="utf-8") as f:
+            f.write(f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}  {message}\n")
+        log(message)
+
     pipe = _Pipeline(config, run_dir, progress, log)
     plan = pipe.plan()
     result = PipelineResult(plan=plan, bundle=pipe.bundle)
     if dry_run:
         return result
     run_dir.mkdir(parents=True, exist_ok=True)
+    pipe.log = log_both
     (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    done = [row.folder.name for row in plan if row.status.startswith("done")]
+    log_both(f"pipeline {run_dir}: " + (f"resuming; finished stages skipped: {', '.join(done)}" if done
+                                       else "starting"))
     for row in plan:
         if row.status != "pending":
             continue
-        log(f"stage {row.folder.name}")
+        resumed = _resume_point(row.folder)
+        log_both(f"stage {row.folder.name}: " + (f"resuming ({resumed})" if resumed else "starting")
+                 + (f"; per-step progress in {row.folder / 'train.log'}" if row.name in ("vqgan", "ldm", "cldm")
+                    else ""))
         row.folder.mkdir(parents=True, exist_ok=True)
+        started = _dt.datetime.now()
         summary = getattr(pipe, f"run_{row.name}")()
+        if summary is not None:
+            seconds = (_dt.datetime.now() - started).total_seconds()
+            log_both(f"stage {row.folder.name}: done in {seconds / 60:.1f} min")
         if summary is None:
             result.stopped_at = row.name
             result.message = review_message(run_dir)

@@ -90,9 +90,23 @@ class TrainProgress:
     """
 
     def __init__(self, total: int, start: int = 0, description: str = "training", *,
-                 enabled: bool = True, console: Console | None = None) -> None:
+                 enabled: bool = True, console: Console | None = None, log_file: str | Path | None = None,
+                 log_interval_s: float = 30.0) -> None:
         self.enabled = enabled and dist.is_main()
         self.total = total
+        self.description = description
+        # A plain-text log beside the bar (rank 0 only, whether or not the bar shows): a run in the background
+        # or under a pipeline leaves a readable record of its progress, its speed and whether it resumed.
+        self._log_file = Path(log_file) if log_file is not None and dist.is_main() else None
+        self._log_interval = log_interval_s
+        self._start_step = start
+        self._started = time.monotonic()
+        self._last_log = self._started
+        self._last_step = start
+        if self._log_file is not None:
+            self._log_file.parent.mkdir(parents=True, exist_ok=True)
+            what = f"resumed at step {start} of {total}" if start > 0 else f"started, {total} steps"
+            self._write(f"{description}: {what}")
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -113,8 +127,32 @@ class TrainProgress:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._progress.stop()
+        if self._log_file is not None:
+            if exc_type is None:
+                self._write(f"{self.description}: finished at step {self._last_step} of {self.total}")
+            elif issubclass(exc_type, KeyboardInterrupt):
+                self._write(f"{self.description}: interrupted at step {self._last_step}; rerun to resume")
+            else:
+                self._write(f"{self.description}: failed at step {self._last_step}: {exc_type.__name__}: {exc}")
+
+    def _write(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with self._log_file.open("a", encoding="utf-8") as f:  # type: ignore[union-attr]
+            f.write(f"{stamp}  {message}\n")
 
     def update(self, step: int, **metrics: float) -> None:
         """Show `step` done, with `metrics` (short names) formatted to 4 significant digits."""
         text = "  ".join(f"{k} {float(_plain(v)):.4g}" for k, v in metrics.items())
         self._progress.update(self._task, completed=step, **({"metrics": text} if metrics else {}))
+        self._last_step = step
+        if metrics:
+            self._last_metrics = text
+        now = time.monotonic()
+        if self._log_file is not None and (now - self._last_log >= self._log_interval or step >= self.total):
+            done = step - self._start_step
+            rate = done / max(now - self._started, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else float("inf")
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 * 30 else "?"
+            self._write(f"{self.description}: step {step}/{self.total} ({step / max(self.total, 1):.1%}), "
+                        f"{rate:.2f} steps/s, eta {eta_text}  {getattr(self, '_last_metrics', '')}".rstrip())
+            self._last_log = now

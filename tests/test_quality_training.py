@@ -1,0 +1,203 @@
+"""Issue 8's training changes: EMA warm-up, decoder-only GAN fine-tuning on crops in bf16, LeCam, the plain-text
+train log, tile statistics and the post-training sample check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from histosynth.autoencoder.losses import LeCamEMA
+from histosynth.autoencoder.train import VQGANTrainConfig, load_vqgan, random_crop_pair, train_vqgan
+from histosynth.configio import from_dict
+from histosynth.errors import InputError
+from histosynth.metrics.tilestats import FLAT_STD, compare, sample_verdict, tile_stats
+from histosynth.runtime.tracking import TrainProgress, read_metrics
+from histosynth.runtime.trainer import EMA
+
+TINY = {
+    "tile_size": 32,
+    "size_policy": "crop",
+    "val_fraction": 0.25,
+    "model": {"base_channels": 8, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "codebook_size": 32,
+              "norm_groups": 4},
+    "loss": {"ms_ssim_weight": 0.0, "discriminator": {"base_channels": 8, "num_layers": 2, "norm_groups": 4}},
+    "batch_size": 4,
+    "lr": 0.002,
+    "steps": 8,
+    "disc_start": 100,
+    "log_every": 1,
+    "val_every": 8,
+    "sample_every": 8,
+    "ckpt_every": 8,
+    "seed": 3,
+    "device": "cpu",
+    "threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory: pytest.TempPathFactory, pcam_tiles: list[Path]) -> Path:
+    folder = tmp_path_factory.mktemp("tiles")
+    for p in pcam_tiles[:24]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def _config(tiles: Path, **changes) -> VQGANTrainConfig:
+    merged = {"data": str(tiles), **TINY}
+    for k, v in changes.items():
+        merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return from_dict(VQGANTrainConfig, merged, "vqgan_config")
+
+
+@pytest.fixture(scope="module")
+def stage1(tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("stage1")
+    train_vqgan(_config(tiles, codebook_init_step=2), run_dir, show_progress=False)
+    return run_dir / "vqgan.safetensors"
+
+
+# ---- EMA
+
+
+def test_ema_warm_up_follows_the_schedule_and_survives_a_resume() -> None:
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.weight.data.fill_(0.0)
+    ema = EMA(net, decay=0.999)
+    net.weight.data.fill_(1.0)
+    decays = []
+    for _ in range(3):
+        decays.append(ema.current_decay())
+        ema.update(net)
+    assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+    # 0 -> 1 through decays 0.1, 0.18, 0.25: 1 - 0.1*0.1818*0.25
+    assert ema.averaged(net).weight.item() == pytest.approx(1 - 0.1 * (2 / 11) * 0.25)
+    restored = EMA(net, decay=0.999)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 3 and restored.current_decay() == pytest.approx(4 / 13)
+    # Late in a run the configured decay caps the schedule; without warm-up it applies from the start.
+    ema.updates = 10**6
+    assert ema.current_decay() == 0.999
+    assert EMA(net, decay=0.9, warmup=False).current_decay() == 0.9
+
+
+# ---- crops, LeCam
+
+
+def test_random_crop_pair_keeps_latents_and_pixels_aligned() -> None:
+    f = 4
+    codes = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6)
+    # Each image pixel carries the value of the latent cell it decodes from.
+    images = codes.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3).repeat(1, 3, 1, 1)
+    torch.manual_seed(0)
+    c, x = random_crop_pair(codes, images, 8, f)
+    assert c.shape == (2, 1, 2, 2) and x.shape == (2, 3, 8, 8)
+    assert torch.equal(x[:, :1, ::f, ::f], c)
+
+
+def test_lecam_penalty_known_values_and_anchor_update() -> None:
+    lecam = LeCamEMA(decay=0.5)
+    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-2.0, 0.5])
+    # anchors start at 0: mean(relu(real - 0)^2) + mean(relu(0 - fake)^2) = (1 + 9)/2 + (4 + 0)/2
+    assert lecam(real, fake).item() == pytest.approx(7.0)
+    assert lecam.real.item() == pytest.approx(1.0) and lecam.fake.item() == pytest.approx(-0.375)
+
+
+# ---- decoder-only fine-tuning
+
+
+def test_decoder_fine_tuning_keeps_the_latent_space(tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "dec"
+    cfg = _config(tiles, init_from=str(stage1), train_parts="decoder", crop_size=16, autocast="bf16",
+                  channels_last=True, ema_decay=0.9, disc_start=0, disc_warmup=3, gan_ramp=2,
+                  loss={"lecam_weight": 0.1})
+    result = train_vqgan(cfg, run_dir, show_progress=False)
+    before, after = load_file(str(stage1)), load_file(str(result.export_path))
+    frozen = [k for k in before if k.startswith(("encoder.", "quantizer."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen if before[k].is_floating_point()
+                          and "usage" not in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    train = read_metrics(run_dir / "metrics.jsonl", "train")
+    # The discriminator trains from step 0; its GAN terms reach the decoder only after the warm-up, ramped.
+    assert all("disc_loss" in r and "lecam" in r for r in train)
+    assert [("gan" in r) for r in train] == [False] * 3 + [True] * 5
+    assert [round(r["gan_scale"], 3) for r in train if "gan" in r] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    # Validation runs on whole tiles, not crops.
+    assert read_metrics(run_dir / "metrics.jsonl", "val")[-1]["ssim"] > 0
+    log = (run_dir / "train.log").read_text()
+    assert "train vqgan: started, 8 steps" in log and "finished at step 8 of 8" in log
+
+
+def test_decoder_fine_tuning_needs_a_checkpoint_and_sane_crops(tiles: Path) -> None:
+    with pytest.raises(InputError, match="init_from"):
+        _config(tiles, train_parts="decoder")
+    with pytest.raises(InputError, match="crop_size"):
+        _config(tiles, crop_size=18)
+    with pytest.raises(InputError, match="crop_size"):
+        _config(tiles, crop_size=64)
+
+
+def test_init_from_must_match_the_model(tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    cfg = _config(tiles, init_from=str(stage1), model={"codebook_size": 64})
+    with pytest.raises(InputError, match="another model config"):
+        train_vqgan(cfg, tmp_path / "x", show_progress=False)
+
+
+# ---- the plain-text training log
+
+
+def test_train_log_says_when_a_run_resumes(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    with TrainProgress(10, 0, "train x", enabled=False, log_file=log, log_interval_s=0.0) as bar:
+        for step in range(1, 5):
+            bar.update(step, loss=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        with TrainProgress(10, 4, "train x", enabled=False, log_file=log, log_interval_s=0.0) as bar:
+            bar.update(5)
+            raise KeyboardInterrupt
+    lines = log.read_text().splitlines()
+    assert "train x: started, 10 steps" in lines[0]
+    assert any("step 4/10 (40.0%)" in line and "loss 0.5" in line for line in lines)
+    assert any("train x: resumed at step 4 of 10" in line for line in lines)
+    assert "interrupted at step 5; rerun to resume" in lines[-1]
+
+
+# ---- tile statistics and the sample verdict
+
+
+@pytest.fixture(scope="module")
+def real_tiles(shared_data: Path) -> np.ndarray:
+    files = sorted((shared_data / "pcam" / "train").glob("*.jpg"))[:120]
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
+
+
+def test_tile_stats_measure_contrast_colour_and_blanks(real_tiles: np.ndarray) -> None:
+    s = tile_stats(real_tiles)
+    assert 25 < s.grey_std < 80 and s.eosin_od > 0 and s.haematoxylin_od > 0
+    washed = (real_tiles.astype(np.float32) * 0.5 + 0.5 * real_tiles.mean()).astype(np.uint8)
+    d = compare(tile_stats(washed), s)
+    assert d["grey_std"] == pytest.approx(-0.5, abs=0.02)  # half the contrast
+    blank = np.full((10, 96, 96, 3), 230, dtype=np.uint8)
+    assert tile_stats(blank).flat_fraction == 1.0 and tile_stats(blank).grey_std < FLAT_STD
+    purple = real_tiles.copy()
+    purple[..., 0] = (purple[..., 0] * 0.8).astype(np.uint8)  # less red: pink shifts to purple
+    assert compare(tile_stats(purple), s)["mean_r"] == pytest.approx(-0.2, abs=0.01)
+
+
+def test_verdict_separates_tissue_from_noise_and_blanks(real_tiles: np.ndarray) -> None:
+    assert sample_verdict(real_tiles[:60], real_tiles[60:]).level == "ok"
+    rng = np.random.default_rng(0)
+    speckle = rng.integers(0, 256, (60, 96, 96, 3), dtype=np.uint8)
+    noise = sample_verdict(speckle, real_tiles)
+    assert noise.level == "noise" and "NOISE" in noise.message()
+    grey = np.full((60, 96, 96, 3), 200, dtype=np.uint8) + rng.integers(0, 3, (60, 96, 96, 3), dtype=np.uint8)
+    assert sample_verdict(grey, real_tiles).level == "noise"
+    washed = (real_tiles[:60].astype(np.float32) * 0.5 + 100).astype(np.uint8)
+    assert sample_verdict(washed, real_tiles[60:]).level == "poor"
