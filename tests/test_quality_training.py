@@ -201,3 +201,30 @@ def test_verdict_separates_tissue_from_noise_and_blanks(real_tiles: np.ndarray) 
     assert sample_verdict(grey, real_tiles).level == "noise"
     washed = (real_tiles[:60].astype(np.float32) * 0.5 + 100).astype(np.uint8)
     assert sample_verdict(washed, real_tiles[60:]).level == "poor"
+
+
+# ---- stopping on time (a lent GPU, a session's end)
+
+
+def test_vqgan_stops_on_time_with_a_checkpoint_and_resumes(tiles: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "timed"
+    first = train_vqgan(_config(tiles, time_limit_s=1e-9), run_dir, show_progress=False)
+    assert first.step == 1 and first.export_path.is_file()
+    assert (run_dir / "checkpoints" / "step-00000001.safetensors").is_file()
+    second = train_vqgan(_config(tiles, steps=3), run_dir, show_progress=False)
+    assert second.resumed_from == 1 and second.step == 3
+
+
+def test_diffusion_stops_on_time(monkeypatch, tmp_path: Path) -> None:
+    import histosynth.diffusion.train as T
+    from histosynth.diffusion.unet import UNetConfig
+
+    rng = np.random.default_rng(0)
+    data = T.LatentData(rng.standard_normal((16, 3, 8, 8)).astype(np.float16), [f"t{i}" for i in range(16)], 0.5, {})
+    monkeypatch.setattr(T, "open_latents", lambda path: data)
+    cfg = T.LDMTrainConfig(latents=Path("x"), model=UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                                               attention_levels=(), norm_groups=4),
+                           steps=50, batch_size=4, sample_count=0, device="cpu", time_limit_s=1e-9)
+    result = T.train_ldm(cfg, tmp_path / "ldm", progress=False)
+    assert result.steps == 1 and result.unet.is_file()
+    assert (tmp_path / "ldm" / "checkpoints" / "step-00000001.safetensors").is_file()

@@ -94,10 +94,13 @@ class VQGANTrainConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    time_limit_s: float | None = None  # stop (validate, checkpoint, export) after this many seconds of training,
+    # wherever `steps` stands: a lent GPU or a session ends on time; rerun to continue
 
     def validate(self, path: str) -> None:
         """Cross-field checks (called by configio)."""
         f = self.model.downsample_factor
+        require(self.time_limit_s is None or self.time_limit_s > 0, f"{path}.time_limit_s", "must be > 0 or null")
         require(self.tile_size > 0 and self.tile_size % f == 0, f"{path}.tile_size",
                 f"must be a positive multiple of the downsampling factor {f}, got {self.tile_size}")
         require(ms_ssim_scales(self.tile_size, self.tile_size) >= 1 or self.loss.ms_ssim_weight == 0,
@@ -600,13 +603,18 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
             else:
                 bar.update(state.step)
 
-            last = state.step == config.steps
+            out_of_time = (config.time_limit_s is not None
+                           and bool(dist.all_reduce_mean(torch.tensor(
+                               float(time.perf_counter() - started > config.time_limit_s)))))
+            last = state.step == config.steps or out_of_time
             if state.step % config.val_every == 0 or last:
                 val_metrics = validate()
             if state.step % config.sample_every == 0 or last:
                 samples()
             if state.step % config.ckpt_every == 0 or last:
                 checkpoint(val_metrics if state.step % config.val_every == 0 or last else None)
+            if out_of_time:
+                break
 
     if resumed_from is not None and resumed_from >= config.steps and not export_path.exists():
         # Nothing left to train, but the export must exist (rank 0 writes it).

@@ -103,6 +103,8 @@ class LDMTrainConfig:
     # (diffusion.verdict: colour/contrast/flat statistics and a feature distance); 0 = no check; needs vqgan
     vqgan: Optional[Path] = None  # VQ-GAN checkpoint to decode sample grids; None = latents shown as RGB
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    time_limit_s: Optional[float] = None  # stop (checkpoint, export) after this many seconds, wherever `steps`
+    # stands: a lent GPU or a session ends on time; rerun the same command to continue
     data: str = ""  # free-text description of the training data, recorded in the checkpoint (provenance)
 
     def validate(self, path: str) -> None:
@@ -127,6 +129,7 @@ class LDMTrainConfig:
         require(self.sample_count >= 0, f"{path}.sample_count", "must be >= 0 (0 = no sample grids)")
         require(self.sample_steps >= 1, f"{path}.sample_steps", "must be at least 1")
         require(self.check_samples >= 0, f"{path}.check_samples", "must be >= 0 (0 = no check)")
+        require(self.time_limit_s is None or self.time_limit_s > 0, f"{path}.time_limit_s", "must be > 0 or null")
         if self.joint_imc:
             require(self.labels is None, f"{path}.labels",
                     "must be null with joint_imc (the labels come from the IMC head)")
@@ -586,6 +589,7 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
     order: list[int] = []
     order_epoch = -1
     trained = False
+    started = time.perf_counter()
     with TrainProgress(config.steps, state.step, description=f"train {kind}", enabled=progress,
                        log_file=run_dir / "train.log" if info.is_main else None) as bar:
         while state.step < config.steps:
@@ -633,6 +637,9 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
             bar.update(state.step, loss=float(logs["diffusion_loss"]))
             if state.step % config.checkpoint_every == 0 and state.step < config.steps:
                 checkpoint()
+            if config.time_limit_s is not None and bool(dist.all_reduce_mean(torch.tensor(
+                    float(time.perf_counter() - started > config.time_limit_s)))):
+                break  # the final checkpoint and export below still run
             if config.sample_every and state.step % config.sample_every == 0 and state.step < config.steps:
                 sample_grid(state.step)
     out = run_dir / UNET_FILE
