@@ -3,20 +3,21 @@
 `make_review_sheets` reads a `histosynth cluster` folder and writes to `out_dir`:
 - `cluster_<id>.png` per cluster: a header (size, share, label-vote suggestion), a row of the tiles nearest
   the cluster centre (smallest `distance` in assignments.csv), and a row of a random sample (fixed seed);
-- `review.html`: every cluster's sheet embedded as base64, sizes and suggestions; one self-contained file;
+- `review.html`: the interactive review page (page.py): every cluster's sheet embedded as base64, its size
+  and label statistics, controls to rename, merge and drop, the resulting classes updated live, and the
+  clusters.yaml to save; one self-contained file (no server, no network). When `out_dir` already holds an
+  edited clusters.yaml, the page starts from those edits;
 - `clusters.yaml`: the template the expert edits and `histosynth review apply` reads (see edits.py);
 - `suggestions.json` when `labels` are given.
 
 With a partial annotation (`labels` CSV with columns file,label), each cluster gets the majority label of
 its annotated tiles, e.g. "label 1: 34/40 (85%)" (34 of its 40 annotated tiles). A label row matches a
-tile by its exact key or by its file name.
+tile by its exact key or a trailing part of its path (as a `by: label` split does).
 """
 
 from __future__ import annotations
 
 import base64
-import csv
-import html
 import io
 import json
 from collections import Counter
@@ -29,6 +30,9 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from histosynth.clusters.select import read_assignments
 from histosynth.errors import InputError
+from histosynth.labels import TileLabels, read_tile_labels
+from histosynth.review.edits import UNLABELLED_GROUP, ReviewEdits, load_edits
+from histosynth.review.page import PageCluster, initial_state, render_review_page
 
 
 @dataclass
@@ -57,23 +61,19 @@ class ReviewSummary:
 
 def read_labels(path: Path) -> dict[str, str]:
     """`file -> label` from a CSV with columns file,label (partial annotations are fine)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--labels: file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "file" not in columns or "label" not in columns:
-            raise InputError(f"--labels: {path} needs columns file,label; has {', '.join(columns) or 'none'}")
-        return {row["file"]: row["label"] for row in reader if row["file"] and row["label"] not in (None, "")}
+    return dict(read_tile_labels(Path(path), what="--labels").values)
 
 
-def suggest_names(assignments: Sequence[dict[str, Any]], labels: dict[str, str]) -> dict[int, Suggestion]:
-    """Majority label per cluster among its annotated tiles; ties go to the label that sorts first."""
+def suggest_names(assignments: Sequence[dict[str, Any]], labels: dict[str, str] | TileLabels) -> dict[int, Suggestion]:
+    """Majority label per cluster among its annotated tiles; ties go to the label that sorts first.
+
+    A label row matches a tile as in a `by: label` split of `review apply` (histosynth.labels.TileLabels):
+    by its exact key, then ever shorter trailing parts of its path down to the file name.
+    """
+    table = labels if isinstance(labels, TileLabels) else TileLabels(Path("."), "label", dict(labels))
     by_cluster: dict[int, Counter] = {}
     for row in assignments:
-        tile = row["tile"]
-        label = labels.get(tile, labels.get(Path(tile).name))
+        label = table.of(row["tile"])
         if label is not None:
             by_cluster.setdefault(row["cluster"], Counter())[label] += 1
     out = {}
@@ -105,8 +105,8 @@ def contact_sheet(title: str, rows: Sequence[tuple[str, Sequence[Path]]], thumb:
     pad, header, row_title = 6, 34, 18
     width = pad + columns * (thumb + pad)
     height = header
-    for _, paths in rows:
-        height += row_title + max(1, -(-len(paths) // columns)) * (thumb + pad)
+    for _, paths in rows:  # an empty row is only its title ("...: none")
+        height += row_title + -(-len(paths) // columns) * (thumb + pad)
     sheet = Image.new("RGB", (max(width, 400), height + pad), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((pad, 8), title, fill="black", font=font)
@@ -123,7 +123,7 @@ def contact_sheet(title: str, rows: Sequence[tuple[str, Sequence[Path]]], thumb:
                 draw.text((x0 + 4, y0 + thumb // 2 - 6), "unreadable", fill="black", font=small)
             else:
                 sheet.paste(im, (x0, y0))
-        y += max(1, -(-len(paths) // columns)) * (thumb + pad)
+        y += -(-len(paths) // columns) * (thumb + pad)
     return sheet, missing
 
 
@@ -154,6 +154,23 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _existing_edits(path: Path, k: int, sizes: dict[int, int]) -> tuple[ReviewEdits | None, str]:
+    """The edits of an existing clusters.yaml for K clusters, or None and why they are not used."""
+    if not path.is_file():
+        return None, ""
+    try:
+        edits = load_edits(path)
+    except InputError as e:  # the page still works: it starts from the template and says why
+        return None, f"The page starts from the template: the existing {path.name} could not be read ({e})."
+    if sorted(edits.clusters) != list(range(k)):
+        return None, (f"The page starts from the template: the existing {path.name} has cluster ids "
+                      f"{sorted(edits.clusters)}, not 0..{k - 1}.")
+    if edits.merges or edits.moves or any(
+            e.exclude != (sizes.get(c, 0) == 0) or e.name != f"cluster_{c}" for c, e in edits.clusters.items()):
+        return edits, f"The page starts from the edits in the existing {path.name}."
+    return edits, ""  # the untouched template: nothing to say
+
+
 def make_review_sheets(cluster_dir: Path, out_dir: Path, tiles_root: Path | None = None,
                        labels: Path | None = None, n_centre: int = 8, n_random: int = 8,
                        seed: int = 0, thumb: int = 96) -> ReviewSummary:
@@ -170,7 +187,8 @@ def make_review_sheets(cluster_dir: Path, out_dir: Path, tiles_root: Path | None
         tiles_root = Path(meta["source"]["tiles"])  # the folder given to `histosynth cluster --tiles`
     if tiles_root is not None and not Path(tiles_root).is_dir():
         raise InputError(f"--tiles: not a folder: {tiles_root}")
-    suggestions = suggest_names(rows, read_labels(labels)) if labels is not None else {}
+    label_table = read_tile_labels(Path(labels), what="--labels") if labels is not None else None
+    suggestions = suggest_names(rows, label_table) if label_table is not None else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -178,7 +196,8 @@ def make_review_sheets(cluster_dir: Path, out_dir: Path, tiles_root: Path | None
     for r in rows:
         sizes[r["cluster"]] = sizes.get(r["cluster"], 0) + 1
     files: list[Path] = []
-    sections, missing, shown = [], 0, 0
+    cards: list[PageCluster] = []
+    missing, shown = 0, 0
     for c in range(k):
         members = [r for r in rows if r["cluster"] == c]
         centre = sorted(members, key=lambda r: r["distance"])[:n_centre]
@@ -198,26 +217,23 @@ def make_review_sheets(cluster_dir: Path, out_dir: Path, tiles_root: Path | None
         path = out_dir / f"cluster_{c}.png"
         sheet.save(path)
         files.append(path)
-        sug = f"<p>Suggestion: {html.escape(str(suggestions[c]))}</p>" if c in suggestions else ""
-        sections.append(f'<section id="cluster-{c}"><h2>Cluster {c}</h2><p>{len(members)} tiles '
-                        f'({share:.1f}%)</p>{sug}<img alt="cluster {c}" src="data:image/png;base64,'
-                        f'{_png_base64(sheet)}"></section>')
+        cards.append(PageCluster(c, len(members), _png_base64(sheet),
+                                 dict(suggestions[c].counts) if c in suggestions else {},
+                                 str(suggestions[c]) if c in suggestions else ""))
     if shown and missing == shown:
         raise InputError(f"--tiles: none of the tiles could be read (first: {_resolve(rows[0]['tile'], tiles_root)});"
                          " give the folder the tile paths in assignments.csv are relative to")
-    table = "".join(f"<tr><td><a href='#cluster-{c}'>{c}</a></td><td>{sizes[c]}</td>"
-                    f"<td>{html.escape(str(suggestions.get(c, '')))}</td></tr>" for c in range(k))
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>histosynth cluster review</title>"
-        "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;border:1px solid #ccc}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>"
-        f"<h1>Cluster review: K = {k}</h1><p>{html.escape(str(meta.get('rule', '')))}</p>"
-        f"<p>{len(rows)} tiles. Edit <code>clusters.yaml</code>, then run <code>histosynth review apply "
-        "clusters.yaml --clusters DIR --out label_map.yaml</code>.</p>"
-        f"<table><tr><th>cluster</th><th>tiles</th><th>suggestion</th></tr>{table}</table>"
-        + "".join(sections) + "</body></html>"
-    )
-    (out_dir / "review.html").write_text(page, encoding="utf-8")
+    edits, note = _existing_edits(out_dir / "clusters.yaml", k, sizes)
+    state = initial_state(k, edits, {r["tile"]: r["cluster"] for r in rows})
+    # The page's label splits name this CSV; absolute, so `review apply` finds it from any folder.
+    labels_path = str(Path(labels).resolve()) if labels is not None else None
+    groups = meta.get("cluster_groups") or {}  # `cluster --within-labels`: cluster -> label group, as apply reads it
+    cluster_labels = {int(c): str(v) for c, v in groups.items() if v is not None and v != UNLABELLED_GROUP}
+    page = render_review_page(k, len(rows), str(meta.get("rule", "")), cards, state, labels_path, note=note,
+                              cluster_labels=cluster_labels)
+    tmp = out_dir / "review.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out_dir / "review.html")
     template = out_dir / "clusters.yaml"
     if template.exists():  # never overwrite the expert's edits: a rerun writes the fresh template beside them
         template = out_dir / "clusters.template.yaml"
