@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from histosynth.bundle.export import export_from_checkpoints
-from histosynth.bundle.manifest import manifest_from_dict, read_manifest
+from histosynth.bundle.manifest import ClassEntry, manifest_from_dict, read_manifest
 from histosynth.bundle.store import load_bundle
 from histosynth.bundle.testing import tiny_networks
 from histosynth.configio import to_dict
@@ -104,13 +104,11 @@ def test_export_copies_class_labels_into_the_manifest(tmp_path: Path) -> None:
     assert raw["classes"] == [{"id": 0, "name": "lymph_normal", "label": "0", "label_name": "normal"},
                               {"id": 1, "name": "lymph_tumour", "label": "1"}]
 
-    # An unlabelled map writes the class entries older histosynth versions read: no label keys at all.
-    write_label_map(LabelMap([LabelClass(0, "a", [0], 5), LabelClass(1, "b", [1], 4)], {0: 0, 1: 1}),
-                    tmp_path / "plain.yaml")
-    export_from_checkpoints(vq, un, tmp_path / "plain.yaml", tmp_path / "p")
-    raw = json.loads((tmp_path / "p" / "manifest.json").read_text())
-    assert raw["classes"] == [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]
-    assert [c.label for c in read_manifest(tmp_path / "p").classes] == [None, None]
+    # Unlabelled classes are written as older histosynth versions read them: no label keys at all.
+    plain = manifest.replace(classes=[ClassEntry(0, "a"), ClassEntry(1, "b")])
+    assert json.loads(plain.to_json())["classes"] == [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]
+    (tmp_path / "plain.json").write_text(plain.to_json())
+    assert [c.label for c in read_manifest(tmp_path / "plain.json").classes] == [None, None]
 
 
 def test_manifest_class_labels_old_and_bad() -> None:
@@ -153,3 +151,41 @@ def test_control_cluster_map_excluded_and_split(tmp_path: Path) -> None:
     (tmp_path / "none.yaml").write_text("classes: [{id: 0, name: a}]\n")
     with pytest.raises(InputError, match="no 'clusters' table"):
         read_cluster_map(tmp_path / "none.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- docs/labels.md
+
+LABELS_DOC = Path(__file__).resolve().parents[1] / "docs" / "labels.md"
+
+
+def _doc_lines() -> list[str]:
+    from test_docs_commands import doc_commands
+
+    return doc_commands(LABELS_DOC.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("line", _doc_lines())
+def test_labels_doc_commands_exist(line: str) -> None:
+    from test_docs_commands import resolve
+
+    command, rest = resolve(line.split()[1:])
+    known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
+    used = {w.split("=")[0] for w in rest if w.startswith("-")}
+    assert used <= known, f"`{line}`: unknown options {sorted(used - known)}"
+
+
+def test_labels_doc_yaml_examples_load(tmp_path: Path) -> None:
+    # Every clusters.yaml fragment of the page is valid input for `review apply`.
+    import re
+
+    from histosynth.review.edits import load_edits
+
+    blocks = re.findall(r"```yaml\n(.*?)```", LABELS_DOC.read_text(encoding="utf-8"), re.S)
+    edits = [b for b in blocks if b.startswith(("clusters:", "splits:"))]
+    assert len(edits) == 3
+    for block in edits:
+        text = block if block.startswith("clusters:") else "clusters: {0: {name: a}}\n" + block
+        (tmp_path / "c.yaml").write_text(text)
+        load_edits(tmp_path / "c.yaml")
+    (tmp_path / "lm.yaml").write_text(next(b for b in blocks if b.startswith("classes:")))
+    assert read_label_map(tmp_path / "lm.yaml").cluster_classes()[1] == [0, 1]
