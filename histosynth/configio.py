@@ -5,22 +5,37 @@ Every config in histosynth (recipes, training stages, the pipeline) is a datacla
 ``recipe.sampler.name: unknown value 'euler'; allowed: ddpm, ddim, dpmpp2m``.
 
 A dataclass may define ``validate(self, path: str) -> None`` for checks across fields; it is called
-after the fields are filled, with the key path of the object.
+after the fields are filled, with the key path of the object. A string field whose values come from a
+registry is typed ``Annotated[str, OneOf(REGISTRY)]``. `describe_keys` lists every key of a config with its
+type, default and meaning (the field's trailing comment), for `--explain` and documentation tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import io
+import tokenize
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from histosynth.errors import InputError
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: typing hashes Annotated's metadata
+class OneOf:
+    """Marks `Annotated[str, OneOf(registry)]`: the value must be one of `registry`'s keys, read when a config is
+    loaded (so entries registered later count)."""
+
+    registry: Collection[str]
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -63,6 +78,13 @@ def to_dict(obj: Any) -> Any:
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
+        return value
+    if origin is Annotated:
+        base, *extras = get_args(tp)
+        value = _convert(base, value, path)
+        for extra in extras:
+            if isinstance(extra, OneOf) and value not in extra.registry:
+                raise InputError(f"{path}: unknown value {value!r}; allowed: {', '.join(map(str, extra.registry))}")
         return value
     if dataclasses.is_dataclass(tp):
         return _convert_dataclass(tp, value, path)
@@ -140,7 +162,7 @@ def _convert_dataclass(cls: Any, value: Any, path: str) -> Any:
         raise InputError(
             f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(fields)}"
         )
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)
     kwargs = {}
     for name, f in fields.items():
         sub = f"{path}.{name}"
@@ -153,6 +175,110 @@ def _convert_dataclass(cls: Any, value: Any, path: str) -> Any:
     if callable(validate):
         validate(path)
     return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One key of a config, for `--explain` and docs checks."""
+
+    path: str  # dotted key path; mapping keys chosen by the user read `<name>`
+    type: str  # e.g. "integer", "png|jpeg|tiff", "mapping", "{name: integer}"
+    default: str  # "required", "null" (not set) or the default in YAML spelling
+    meaning: str  # the field's trailing comment in the dataclass source
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[KeyDoc]:
+    """Every key of dataclass `cls`, nested dataclasses (also inside Optional and dict values) expanded."""
+    hints = get_type_hints(cls, include_extras=True)
+    comments = field_comments(cls)
+    docs: list[KeyDoc] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        path = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        docs.append(KeyDoc(path, type_text(tp), _default_text(f), comments.get(f.name, "")))
+        inner, under = _nested_dataclass(tp)
+        if inner is not None:
+            docs.extend(describe_keys(inner, f"{path}.{under}"))
+    return docs
+
+
+def _nested_dataclass(tp: Any) -> tuple[Any, str]:
+    """The dataclass a field holds directly, in an Optional, or as dict values (then under `<name>.`)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return tp, ""
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            found = _nested_dataclass(option)
+            if found[0] is not None:
+                return found
+    if origin is dict:
+        inner, under = _nested_dataclass(get_args(tp)[1])
+        if inner is not None:
+            return inner, f"<name>.{under}"
+    return None, ""
+
+
+def type_text(tp: Any) -> str:
+    """A short readable name of a config type: `integer`, `png|jpeg`, `{name: number}`, `[string]`."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *extras = get_args(tp)
+        for extra in extras:
+            if isinstance(extra, OneOf):
+                return "|".join(map(str, extra.registry))
+        return type_text(base)
+    if origin is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        options = [type_text(a) for a in get_args(tp) if a is not type(None)]
+        return " or ".join(options) + (" or null" if type(None) in get_args(tp) else "")
+    if origin in (list, tuple, typing.Sequence):
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        return f"[{type_text(args[0]) if args else 'any'}]"
+    if origin is dict:
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return f"{{name: {type_text(val_tp)}}}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    names = {str: "string", int: "integer", float: "number", bool: "true|false", Path: "path", Any: "any"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if dataclasses.is_dataclass(value):
+        return "(see below)"
+    return yaml.safe_dump(to_dict(value), default_flow_style=True).strip().removesuffix("...").strip()
+
+
+@functools.lru_cache(maxsize=None)
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field line in `cls`'s source (nanoGPT-style field documentation)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments: dict[str, str] = {}
+    line_tokens: list[tokenize.TokenInfo] = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type in (tokenize.NEWLINE, tokenize.NL):
+            names = [t for t in line_tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
+            # A field line reads `name: type ...  # comment`: a name, then `:`, ending in a comment.
+            if (len(names) >= 3 and names[0].type == tokenize.NAME and names[1].string == ":"
+                    and names[-1].type == tokenize.COMMENT):
+                comments.setdefault(names[0].string, names[-1].string.lstrip("#").strip())
+            line_tokens = []
+        else:
+            line_tokens.append(token)
+    return comments
 
 
 def require(condition: bool, path: str, message: str) -> None:

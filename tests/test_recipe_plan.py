@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,10 +86,95 @@ def test_load_recipe_resolves_bundle_relative_to_file(tmp_path: Path):
         load_recipe(tmp_path / "missing.yaml")
 
 
-def test_shipped_recipes_load():
-    root = Path(__file__).resolve().parents[1] / "recipes"
-    for path in sorted(root.glob("*.yaml")):
-        load_recipe(path)
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_BUNDLE = REPO / "weights" / "pcam96"
+
+
+def test_shipped_recipes_load_and_resolve_against_the_shipped_bundle(tmp_path: Path):
+    paths = sorted((REPO / "recipes").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"balanced", "smoke", "topup", "reference"}, paths
+    manifest = json.loads((SHIPPED_BUNDLE / "manifest.json").read_text(encoding="utf-8"))
+    names = [c["name"] for c in manifest["classes"]]
+    for path in paths:
+        recipe, bundle = load_recipe(path)
+        assert bundle == SHIPPED_BUNDLE.resolve(), f"{path.name}: points at {bundle}, not the shipped bundle"
+        if recipe.top_up is not None and recipe.top_up.have_from is not None:
+            (tmp_path / "real" / names[0]).mkdir(parents=True, exist_ok=True)  # the real folder is the user's
+            recipe = dataclasses.replace(recipe, top_up=dataclasses.replace(recipe.top_up,
+                                                                            have_from=str(tmp_path / "real")))
+        plan = Plan(recipe, names, "hash", base_dir=path.parent)  # class names, counts and overrides all valid
+        assert plan.total > 0 and {c.name for c in plan.classes} <= set(names)
+
+
+def _uncommented(text: str) -> str:
+    """The reference recipe with its commented-out alternatives (`# key: value` lines) switched on."""
+    return "\n".join(re.sub(r"^(\s*)# (\s*[A-Za-z_]\w*:.*)$", r"\1\2", line) for line in text.splitlines())
+
+
+def _key_lines(text: str) -> dict[str, str]:
+    """{dotted key path: its trailing comment} of every `key:` line, nesting read from the indentation."""
+    found: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    for line in text.splitlines():
+        m = re.match(r"^(\s*)([A-Za-z_]\w*):(.*)$", line)
+        if not m:
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        found[".".join(k for _, k in stack)] = rest.split("#", 1)[1].strip() if "#" in rest else ""
+    return found
+
+
+def test_reference_recipe_shows_every_key_with_its_real_default():
+    from histosynth.configio import describe_keys
+
+    text = (REPO / "recipes" / "reference.yaml").read_text(encoding="utf-8")
+    schema = {k.path: k for k in describe_keys(Recipe)}
+    patterns = {path: re.compile("^" + re.escape(path).replace(re.escape("<name>"), "[^.]+") + "$") for path in schema}
+    shown = _key_lines(_uncommented(text))
+    assert yaml.safe_load(_uncommented(text))  # the alternatives are YAML too
+    for path in schema:
+        assert any(patterns[path].match(s) for s in shown), f"recipes/reference.yaml does not show `{path}`"
+    user_keyed = [p for p, k in schema.items() if k.type.startswith("{name:")]
+    for s in shown:
+        known = any(patterns[p].match(s) for p in schema) or any(s.rsplit(".", 1)[0] == p or
+                                                                 patterns[p].match(s.rsplit(".", 1)[0])
+                                                                 for p in user_keyed)
+        assert known, f"recipes/reference.yaml shows `{s}`, which is no recipe key"
+    for s, comment in shown.items():
+        m = re.match(r"(?:required|default ([^;(]+))", comment)
+        match = next((schema[p] for p in schema if patterns[p].match(s)), None)
+        if not m or match is None:
+            continue
+        said = "required" if m.group(0) == "required" else m.group(1).strip()
+        real = match.default
+        if said in ("none", "all"):
+            assert real in ("null", "{}"), f"{s}: says default {said}, is {real}"
+        elif re.fullmatch(r"[-\d.]+", said):
+            assert float(said) == float(real), f"{s}: says default {said}, is {real}"
+        else:
+            assert said == real, f"{s}: says {said}, is {real}"
+
+
+def test_explain_prints_every_key_and_sampler():
+    from typer.testing import CliRunner
+
+    from histosynth.cli.app import app
+    from histosynth.configio import describe_keys
+    from histosynth.diffusion.samplers import SAMPLERS
+
+    result = CliRunner().invoke(app, ["generate", "--explain"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output  # no --recipe/--out needed
+    for key in describe_keys(Recipe):
+        row = next((line for line in result.output.splitlines()
+                    if line.count("│") > 2 and line.split("│")[1].strip() == key.path), None)
+        assert row is not None, f"--explain does not list {key.path}"
+        assert key.type in row and key.default in row and key.meaning[:40] in row, row
+    for name, info in SAMPLERS.items():
+        assert name in result.output and info.summary[:40] in result.output
+    assert "[string] or null" in result.output  # types are not eaten as console markup
 
 
 def test_seeds_depend_on_seed_class_index_only():

@@ -8,10 +8,36 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from histosynth.cli.common import console, handle_errors
 from histosynth.sampling.plan import Shard
 from histosynth.sampling.runner import GenerateOptions, generate, merge_shards, summarize_plan
+
+
+def _explain(value: bool) -> None:
+    """`--explain`: every recipe key with its type, default and meaning, read from the recipe dataclasses."""
+    if not value:
+        return
+    from histosynth.configio import describe_keys
+    from histosynth.diffusion.samplers import SAMPLERS
+    from histosynth.sampling.recipe import Recipe
+
+    table = Table(title="recipe keys (exactly one of counts, balanced, proportions, top_up)")
+    for column in ("key", "type", "default", "meaning"):
+        table.add_column(column, overflow="fold")
+    for key in describe_keys(Recipe):
+        table.add_row(*(Text(cell) for cell in (key.path, key.type, key.default, key.meaning)))  # `[string]` is no markup
+    console.print(table)
+    samplers = Table(title="samplers (sampler.name)")
+    samplers.add_column("name")
+    samplers.add_column("what it is", overflow="fold")
+    for info in SAMPLERS.values():
+        samplers.add_row(Text(info.name), Text(info.summary))
+    console.print(samplers)
+    console.print("A commented example with every key: recipes/reference.yaml; details: docs/generate.md",
+                  highlight=False)
+    raise typer.Exit()
 
 
 @handle_errors
@@ -26,6 +52,8 @@ def generate_command(
     batch_size: Optional[int] = typer.Option(None, min=1, help="Images per batch (does not change any image)."),
     overwrite: bool = typer.Option(False, help="Replace a different recipe's tiles in --out."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
+    explain: bool = typer.Option(False, "--explain", is_eager=True, callback=_explain, expose_value=False,
+                                 help="Print every recipe key with its type, default and meaning, and exit."),
 ) -> None:
     """Generate synthetic tiles from a recipe into --out (ImageFolder layout): DIR/<class>/<index>.<ext>, or
     DIR/train/<class>/... and DIR/val/<class>/... when the recipe has a `split` (the shipped recipes/balanced.yaml

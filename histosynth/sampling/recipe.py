@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from histosynth.configio import from_dict, load_yaml, require
+from histosynth.configio import OneOf, from_dict, load_yaml, require
 from histosynth.diffusion.samplers import SAMPLERS
 from histosynth.errors import InputError
 
@@ -20,21 +20,19 @@ MAX_STEPS = 1000  # the training schedule's T; checked against the bundle again 
 IMAGE_SUFFIX = {"png": "png", "jpeg": "jpg", "tiff": "tif"}
 
 
-def _check_sampler_name(name: str, path: str) -> None:
-    require(name in SAMPLERS, path, f"unknown value {name!r}; allowed: {', '.join(SAMPLERS)}")
+SamplerName = Annotated[str, OneOf(SAMPLERS)]  # checked against the registry when a recipe is loaded
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
     """How each image is sampled."""
 
-    name: str = "dpmpp2m"  # a name from the sampler registry (diffusion.samplers.SAMPLERS); dpmpp2m is fast
-    steps: int = 20  # denoiser evaluations (x2 for rows with guidance != 1)
-    eta: float = 0.0  # DDIM stochasticity; ddpm always uses 1, dpmpp2m ignores it
-    guidance: float = 1.0  # classifier-free guidance scale w; 1 = the plain conditional model, as in the paper
+    name: SamplerName = "dpmpp2m"  # sampler (registry: diffusion/samplers.py); dpmpp2m at 20 steps is fast
+    steps: int = 20  # denoiser evaluations, 1..T (x2 for rows with guidance != 1)
+    eta: float = 0.0  # stochasticity 0..1, used by ddim; ddpm always uses 1, dpmpp2m ignores it
+    guidance: float = 1.0  # classifier-free guidance scale w, 0..30; 1 = the plain conditional model (the paper)
 
     def validate(self, path: str) -> None:
-        _check_sampler_name(self.name, f"{path}.name")
         require(1 <= self.steps <= MAX_STEPS, f"{path}.steps", f"{self.steps} is out of range; allowed: 1..{MAX_STEPS}")
         require(0.0 <= self.eta <= 1.0, f"{path}.eta", f"{self.eta} is out of range; allowed: 0..1")
         require(0.0 <= self.guidance <= 30.0, f"{path}.guidance", f"{self.guidance} is out of range; allowed: 0..30")
@@ -44,14 +42,12 @@ class SamplerSpec:
 class SamplerOverride:
     """Per-class changes to the recipe's sampler; unset fields keep the recipe's value."""
 
-    name: Optional[str] = None  # a name from the sampler registry
-    steps: Optional[int] = None
-    eta: Optional[float] = None
-    guidance: Optional[float] = None
+    name: Optional[SamplerName] = None  # this class's sampler (default: the recipe's)
+    steps: Optional[int] = None  # this class's steps
+    eta: Optional[float] = None  # this class's eta
+    guidance: Optional[float] = None  # this class's guidance scale
 
     def apply(self, base: SamplerSpec, path: str) -> SamplerSpec:
-        if self.name is not None:
-            _check_sampler_name(self.name, f"{path}.name")
         spec = SamplerSpec(
             name=self.name or base.name,
             steps=base.steps if self.steps is None else self.steps,
@@ -66,8 +62,8 @@ class SamplerOverride:
 class Balanced:
     """The same number of tiles for every class: give `per_class`, or a `total` split as evenly as possible."""
 
-    per_class: Optional[int] = None
-    total: Optional[int] = None
+    per_class: Optional[int] = None  # tiles of each class
+    total: Optional[int] = None  # tiles in all, split as evenly as possible (earlier classes get the remainder)
 
     def validate(self, path: str) -> None:
         require((self.per_class is None) != (self.total is None), path, "give exactly one of per_class, total")
@@ -80,8 +76,8 @@ class Balanced:
 class Proportions:
     """A `total` shared between classes by relative `weights` (need not sum to 1)."""
 
-    total: int
-    weights: dict[str, float]
+    total: int  # tiles in all; largest-remainder rounding makes the counts sum exactly to it
+    weights: dict[str, float]  # {class_name: relative weight}; classes left out get none
 
     def validate(self, path: str) -> None:
         require(self.total > 0, f"{path}.total", f"must be a positive count, got {self.total}")
@@ -99,9 +95,9 @@ class TopUp:
     top of, the explicit `have` counts. Classes already at or above target get nothing.
     """
 
-    target: int
-    have: dict[str, int] = field(default_factory=dict)
-    have_from: Optional[str] = None
+    target: int  # tiles each class should reach
+    have: dict[str, int] = field(default_factory=dict)  # {class_name: real tiles already there}
+    have_from: Optional[str] = None  # count them in <dir>/<class_name>/* instead (relative to the recipe file)
 
     def validate(self, path: str) -> None:
         require(self.target > 0, f"{path}.target", f"must be a positive count, got {self.target}")
@@ -113,8 +109,8 @@ class TopUp:
 class OutputSpec:
     """File format of the tiles."""
 
-    format: Literal["png", "jpeg", "tiff"] = "png"
-    quality: int = 95  # JPEG only
+    format: Literal["png", "jpeg", "tiff"] = "png"  # image format; TIFF carries the bundle's resolution in its tags
+    quality: int = 95  # JPEG quality 1..100 (JPEG only)
 
     def validate(self, path: str) -> None:
         require(1 <= self.quality <= 100, f"{path}.quality", f"{self.quality} is out of range; allowed: 1..100")
@@ -124,7 +120,7 @@ class OutputSpec:
 class SplitSpec:
     """Optional train/val split: the last `val_fraction` of each class's indices go to `val/`."""
 
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # the last round(n * f) indices of each class go to val/, the rest to train/
 
     def validate(self, path: str) -> None:
         require(0.0 < self.val_fraction < 1.0, f"{path}.val_fraction",
@@ -138,15 +134,15 @@ class Recipe:
     bundle: str  # a bundle folder; a relative path is relative to the recipe file
     seed: int = 0  # with (class, index) this fixes every image's noise
     batch_size: int = 16  # images per denoiser call; does not change any image
-    counts: Optional[dict[str, int]] = None  # {class_name: count}
-    balanced: Optional[Balanced] = None
-    proportions: Optional[Proportions] = None
-    top_up: Optional[TopUp] = None
+    counts: Optional[dict[str, int]] = None  # {class_name: count}: exactly these tiles
+    balanced: Optional[Balanced] = None  # the same number for every class
+    proportions: Optional[Proportions] = None  # a total shared by relative weights
+    top_up: Optional[TopUp] = None  # bring every class up to a target, given the real tiles there are
     classes: Optional[list[str]] = None  # restrict balanced/top_up to these classes (default: all)
-    sampler: SamplerSpec = SamplerSpec()
+    sampler: SamplerSpec = SamplerSpec()  # how every image is sampled
     overrides: dict[str, SamplerOverride] = field(default_factory=dict)  # {class_name: sampler changes}
-    output: OutputSpec = OutputSpec()
-    split: Optional[SplitSpec] = None
+    output: OutputSpec = OutputSpec()  # file format of the tiles
+    split: Optional[SplitSpec] = None  # optional train/val split (DIR/train/<class>/..., DIR/val/<class>/...)
 
     def validate(self, path: str) -> None:
         given = [k for k in ("counts", "balanced", "proportions", "top_up") if getattr(self, k) is not None]
