@@ -407,7 +407,11 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
                         persistent_workers=config.num_workers > 0)
 
     model = VQGAN(config.model).to(device)
+    prior_samples = 0  # tiles seen by earlier rounds (init_from's export records them)
     if config.init_from is not None:
+        from histosynth.runtime.weights import read_checkpoint_metadata
+
+        prior_samples = int(read_checkpoint_metadata(config.init_from)[1].get("samples_seen", 0) or 0)
         init = load_vqgan(config.init_from)
         if to_dict(init.config) != to_dict(config.model):
             raise InputError(f"vqgan_config.init_from: {config.init_from} has another model config than "
@@ -501,7 +505,9 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
         save_resume_checkpoint(ckpt_dir, state, modules, optimizers,
                                extra_tensors={"usage_ema": model.quantizer.usage_ema}, meta=meta,
                                keep=config.keep_checkpoints)
-        extra = {**export_extra, "step": state.step, **({"val": val_metrics} if val_metrics else {})}
+        extra = {**export_extra, "step": state.step,
+                 "samples_seen": prior_samples + state.step * config.batch_size * info.world_size,
+                 **({"val": val_metrics} if val_metrics else {})}
         save_export(eval_model(), export_path, to_dict(config.model), extra, dtype=config.export_dtype)
 
     def validate() -> dict[str, float]:

@@ -520,9 +520,12 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
     seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     unet = UNet(model_config).to(device)
     init_report = None
+    prior_samples = 0
     if config.init_from is not None:
-        state, _, _ = load_checkpoint(config.init_from)
+        state, _, init_extra = load_checkpoint(config.init_from)
         init_report = copy_matching_weights(unet, state)
+        # Training samples seen across rounds (each round fine-tunes the last): the model card's compute ledger.
+        prior_samples = int(init_extra.get("samples_seen", 0))
         if not init_report["copied"]:
             raise InputError(f"{kind}.init_from: {config.init_from} shares no weights with this UNet")
     schedule = NoiseSchedule(config.schedule)
@@ -652,6 +655,7 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
         extra = {
             "kind": kind,
             "step": state.step,
+            "samples_seen": prior_samples + state.step * batch * info.world_size,
             "latent_scale": scale,
             "schedule": to_dict(config.schedule),
             "data": config.data or str((data.meta.get("source") or {}).get("data", config.latents)),
