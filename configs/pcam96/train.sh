@@ -33,3 +33,21 @@ mkdir -p weights/pcam96/training
 cp $R/vqgan/vqgan.safetensors $R/label_map.yaml weights/pcam96/training/
 cp $R/clusters/imc_head.safetensors $R/clusters/imc_head.json $R/clusters/validity.csv $R/clusters/validity.png \
    $R/clusters/cluster.json weights/pcam96/training/
+
+# ---- Round 2 (2026-11-30; issues 8 and 9): label-aware classes, a sharper decoder, a longer cLDM.
+# The round-1 weights (replaced in weights/pcam96 by this round) come back from git history, with their samples.
+python configs/pcam96/round1.py $R/round1
+# The cluster folder of round 1 from its committed IMC head (assignments.csv was not committed).
+[ -f $R/clusters/assignments.csv ] || python configs/pcam96/clusters_from_head.py $R/latents $R/clusters
+# Review round 2: each cluster split by the PCam tumour label (weights/pcam96/training/clusters.yaml).
+histosynth review apply $REVIEWED --clusters $R/clusters --out $R/review/label_map.yaml
+# Decoder-only GAN fine-tuning (frozen encoder and codebook: the latents stay valid) and the label-aware cLDM,
+# one process each (one per core; bf16 autocast). Both ran about 1.6 hours and were stopped by hand after a
+# checkpoint; `--steps` with the checkpoint's step writes the EMA export and the sample check without training.
+histosynth train vqgan --config configs/pcam96/vqgan-decoder.yaml --run-dir $R/vqgan-dec &
+histosynth train cldm --config configs/pcam96/cldm-labels.yaml --run-dir $R/cldm-labels &
+wait
+histosynth export --vqgan $R/vqgan-dec/vqgan.safetensors --unet $R/cldm-labels/unet.safetensors \
+  --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
+  --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
+cp $R/vqgan-dec/vqgan.safetensors $R/review/label_map.yaml $R/review/label_map_tiles.csv weights/pcam96/training/

@@ -624,7 +624,9 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
 
     if resumed_from is not None and resumed_from >= config.steps and not export_path.exists():
         # Nothing left to train, but the export must exist (rank 0 writes it).
-        save_export(eval_model(), export_path, to_dict(config.model), {**export_extra, "step": state.step},
+        save_export(eval_model(), export_path, to_dict(config.model),
+                    {**export_extra, "step": state.step,
+                     "samples_seen": prior_samples + state.step * config.batch_size * info.world_size},
                     dtype=config.export_dtype)
     seconds = time.perf_counter() - started
     trained = state.step - start_step
