@@ -336,6 +336,7 @@ def test_review_page_splits_and_labels(browser: Any, review_dir: Path, clustered
                       + [f"cluster_{c}" for c in range(K) if c not in (mixed, parted, plain)])
     assert [r[1] for r in rows] == expected
     assert {r[1]: r[3] for r in rows}["mixed_normal"] == str(counts[mixed]["0"])
+    driver.execute_script(f"document.activeElement.blur(); document.getElementById('cluster-{mixed}').scrollIntoView()")
     _screenshot(driver, "splits")
     el(By.ID, "save").click()
     saved = _wait_for(lambda: [p for p in driver.download_dir.glob("clusters*.yaml")])[0]

@@ -125,7 +125,7 @@ def _card(c: PageCluster, total: int, state: dict[str, Any], values: list[str], 
         <option value="">no split</option>{by_label}
         <option value="kmeans">into n sub-clusters (k-means)</option>
       </select></span>
-    <span class="field" id="split-n-box-{c.id}" hidden><label for="split-n-{c.id}">n</label>
+    <span class="field" id="split-n-box-{c.id}" hidden><label for="split-n-{c.id}">Sub-clusters (n)</label>
       <input type="number" id="split-n-{c.id}" data-cluster="{c.id}" class="split-n short" min="2" step="1"
         value="2"></span>
     <span class="field" id="split-keep-box-{c.id}" hidden><input type="checkbox" id="split-keep-{c.id}"
