@@ -14,6 +14,7 @@ from typing import Any, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from histosynth.cli.common import console, err_console, handle_errors
 from histosynth.errors import InputError
@@ -132,6 +133,8 @@ def _print_control(d: dict[str, Any]) -> None:
     for name, v in d["per_class"].items():
         table.add_row(name, str(v["expected"]), str(v["correct"]), str(v["n"]), _fmt(v["accuracy"], 3))
     console.print(table)
+    for w in d.get("warnings", []):
+        err_console.print(Text.assemble(("warning: ", "bold yellow"), w), soft_wrap=True)  # names are no markup
 
 
 @evaluate_app.command("control")

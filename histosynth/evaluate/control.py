@@ -30,6 +30,19 @@ from histosynth.evaluate.recon import images_to_tensor
 from histosynth.labels import parse_cluster_table, read_label_map
 
 UNMAPPED = "unmapped"
+# Below this many tiles a class's accuracy has a 95% interval wider than about +-0.14 (at accuracy 0.5), too
+# wide to compare models; the result then carries a warning with the interval.
+MIN_TILES_PER_CLASS = 50
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion `hits / n` (sound at small n and at 0 or n hits)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
 
 
 def generated_tiles(folder: str | Path, max_per_class: int | None = None) -> tuple[list[Path], list[str], dict[str, int]]:
@@ -110,12 +123,30 @@ class ControlResult:
     inputs: dict[str, Any] = field(default_factory=dict)
 
     def per_class(self) -> dict[str, dict[str, Any]]:
+        """Per generated class: n, correct, accuracy, its 95% Wilson interval `ci95`, and the expected column."""
         out = {}
         for i, name in enumerate(self.rows):
             total = int(self.confusion[i].sum())
             target = self.expected.get(name)
             hits = int(self.confusion[i, self.columns.index(target)]) if target in self.columns else 0
-            out[name] = {"n": total, "correct": hits, "accuracy": hits / total if total else None, "expected": target}
+            out[name] = {"n": total, "correct": hits, "accuracy": hits / total if total else None,
+                         "ci95": list(wilson_interval(hits, total)) if total else None, "expected": target}
+        return out
+
+    def warnings(self) -> list[str]:
+        """What makes the accuracy hard to trust: classes with few tiles, and everything landing in one column."""
+        out = []
+        for name, v in self.per_class().items():
+            if v["n"] < MIN_TILES_PER_CLASS:
+                lo, hi = v["ci95"] or (0.0, 1.0)
+                out.append(f"{name}: accuracy from only {v['n']} tiles (95% interval {lo:.2f}-{hi:.2f}); "
+                           f"use at least {MIN_TILES_PER_CLASS} tiles per class to compare models")
+        used = [c for j, c in enumerate(self.columns) if self.confusion[:, j].sum() > 0]
+        if len(used) == 1 and len({t for t in self.expected.values() if t is not None}) > 1:
+            total = int(self.confusion.sum())
+            out.append(f"all {total} tiles were assigned to {used[0]!r}: the assignments collapsed into one class, "
+                       "so the accuracy says nothing about telling the classes apart (check the assigner and the "
+                       "generated tiles)")
         return out
 
     def accuracy(self) -> float | None:
@@ -127,7 +158,8 @@ class ControlResult:
         """The JSON object documented in docs/evaluation.md (``metric: "control"``)."""
         return {"metric": "control", "assigner": self.assigner, "accuracy": self.accuracy(),
                 "per_class": self.per_class(), "rows": self.rows, "columns": self.columns,
-                "confusion": self.confusion.astype(int).tolist(), "inputs": dict(self.inputs)}
+                "confusion": self.confusion.astype(int).tolist(), "inputs": dict(self.inputs),
+                "warnings": self.warnings()}
 
 
 def _confusion(true: list[str], pred: list[str], rows: list[str], columns: list[str]) -> np.ndarray:
