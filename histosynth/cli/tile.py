@@ -31,6 +31,10 @@ def tile_command(
     tissue_method: str = typer.Option("saturation", "--tissue-method", help="saturation | od (optical density)."),
     format: str = typer.Option("png", "--format", help="png | jpeg"),
     overwrite: bool = typer.Option(False, help="Replace the tiles of an earlier run in --out."),
+    include: List[str] = typer.Option([], "--include", help="Tile only files matching this glob, e.g. '*.svs' "
+                                      "(repeatable; matches the end of the path)."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Leave out files matching this glob, e.g. '*_anno.png' "
+                                      "for masks beside images (repeatable)."),
 ) -> None:
     """Cut tissue tiles at a chosen scale; a source that cannot be read is reported and skipped."""
     if tissue_method not in ("saturation", "od"):
@@ -49,6 +53,8 @@ def tile_command(
         tissue_method=tissue_method,  # type: ignore[arg-type]
         format=format,  # type: ignore[arg-type]
         overwrite=overwrite,
+        include=tuple(include),
+        exclude=tuple(exclude),
     )
     report = tile_sources(sources, out, config)
 
@@ -72,6 +78,8 @@ def tile_command(
         if s.reason:
             err_console.print(f"[yellow]{s.status}[/] {escape(str(s.source))}: {escape(s.reason)}", highlight=False)
     console.print(f"{report.tiles_written} tiles written; index {report.csv_path}")
+    if report.left_out:
+        console.print(f"{report.left_out} files left out by --include/--exclude", highlight=False)
     if report.skipped:
         err_console.print(f"[yellow]warning:[/] {len(report.skipped)} of {len(report.sources)} sources skipped")
     if report.tiles_written == 0:

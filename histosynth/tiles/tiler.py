@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Literal
 
 import numpy as np
@@ -59,6 +59,8 @@ class TileConfig:
     format: Literal["png", "jpeg"] = "png"  # png is lossless; jpeg is ~5x smaller
     jpeg_quality: int = 95
     overwrite: bool = False  # replace an earlier run's tiles in out_dir (only the files its tiles.csv lists)
+    include: tuple[str, ...] = ()  # glob patterns, e.g. "*.svs": tile only files whose path ends matching one
+    exclude: tuple[str, ...] = ()  # glob patterns, e.g. "*_anno.png": leave out files matching any (masks)
 
     def validate(self, path: str = "tile") -> None:
         """Check ranges and the choice between mpp and magnification."""
@@ -87,6 +89,9 @@ class TileConfig:
             f"unknown value {self.tissue_method!r}; allowed: saturation, od",
         )
         require(self.format in ("png", "jpeg"), f"{path}.format", f"unknown value {self.format!r}; allowed: png, jpeg")
+        for key in ("include", "exclude"):
+            for pattern in getattr(self, key):
+                require(bool(pattern.strip()), f"{path}.{key}", "a pattern may not be empty (e.g. '*_anno.png')")
 
 
 @dataclass
@@ -112,6 +117,7 @@ class TileReport:
     csv_path: Path
     config: TileConfig
     sources: list[SourceReport] = field(default_factory=list)
+    left_out: int = 0  # files under the given sources that --include/--exclude left out
 
     @property
     def tiles_written(self) -> int:
@@ -158,6 +164,18 @@ def _encode(tile: np.ndarray, config: TileConfig) -> bytes:
     else:
         Image.fromarray(tile).save(buf, format="JPEG", quality=config.jpeg_quality, subsampling=0)
     return buf.getvalue()
+
+
+def wanted(path: Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> bool:
+    """Whether `path` passes the glob filters: matches an `include` pattern (if any) and no `exclude` pattern.
+
+    Patterns match the end of the path (`pathlib`'s `match`): `*_anno.png` matches any such file name,
+    `masks/*.png` the PNG files directly inside any folder named masks.
+    """
+    p = PurePath(path)
+    if include and not any(p.match(pattern) for pattern in include):
+        return False
+    return not any(p.match(pattern) for pattern in exclude)
 
 
 def _remove_previous(out_dir: Path, csv_path: Path) -> None:
@@ -246,9 +264,14 @@ def tile_sources(
     only for a bad `config` or an `out_dir` that already holds tiles (unless ``config.overwrite``).
     """
     config.validate("tile")
-    sources = _expand(list(paths))
-    if not sources:
+    found = _expand(list(paths))
+    if not found:
         raise InputError(f"sources: no files found in {', '.join(map(str, paths)) or 'an empty list'}")
+    sources = [s for s in found if wanted(s, config.include, config.exclude)]
+    if not sources:
+        filters = " ".join([*(f"--include {p!r}" for p in config.include),
+                            *(f"--exclude {p!r}" for p in config.exclude)])
+        raise InputError(f"sources: {filters} leave none of the {len(found)} files found (e.g. {found[0]})")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {out} exists and is not a folder")
@@ -261,7 +284,7 @@ def tile_sources(
         _remove_previous(out, csv_path)
     out.mkdir(parents=True, exist_ok=True)
 
-    report = TileReport(out, csv_path, config)
+    report = TileReport(out, csv_path, config, left_out=len(found) - len(sources))
     rows: list[dict] = []
     used_names: set[str] = set()
     console = Console(stderr=True)
