@@ -393,3 +393,17 @@ def test_review_page_label_groups(browser: Any, clustered: Path, tmp_path: Path)
     r = runner.invoke(app, ["review", "apply", str(saved), "--clusters", str(folder), "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert [c.get("label") for c in yaml.safe_load(out.read_text())["classes"]] == [None, None]
+
+
+def test_page_without_labels_and_with_an_empty_cluster() -> None:
+    """No --labels: no label values and no split by label; an empty cluster starts dropped, as in the template."""
+    from histosynth.review.page import PageCluster, initial_state, render_review_page
+
+    state = initial_state(3, None, {"a.png": 0, "b.png": 2, "c.png": 2})
+    assert state["exclude"] == [False, True, False]
+    cards = [PageCluster(c, n, "iVBORw0KGgo=") for c, n in enumerate((1, 0, 2))]
+    page = render_review_page(3, 3, "rule <b>", cards, state, labels_path=None)
+    assert 'value="label"' not in page and 'id="values"' not in page and 'id="label-0"' not in page
+    assert "rule &lt;b&gt;" in page and 'id="drop-1" data-cluster="1" class="drop" checked' in page
+    data = page_data(page)
+    assert data["labels_path"] is None and data["values"] == [] and data["initial"]["exclude"] == [False, True, False]

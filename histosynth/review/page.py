@@ -48,9 +48,13 @@ def _split_state(split: Any) -> dict[str, Any]:
 def initial_state(k: int, edits: ReviewEdits | None, cluster_of: dict[str, int]) -> dict[str, Any]:
     """The page's starting edits: the template's defaults, or those of an existing clusters.yaml.
 
-    `cluster_of` maps tile keys to their cluster, so a kept move can shift a tile count from its source.
+    `cluster_of` maps tile keys to their cluster, so a kept move can shift a tile count from its source;
+    as in the template, a cluster with no tiles starts excluded.
     """
-    state: dict[str, Any] = {"names": [f"cluster_{c}" for c in range(k)], "exclude": [False] * k,
+    sizes = {c: 0 for c in range(k)}
+    for c in cluster_of.values():
+        sizes[c] = sizes.get(c, 0) + 1
+    state: dict[str, Any] = {"names": [f"cluster_{c}" for c in range(k)], "exclude": [sizes[c] == 0 for c in range(k)],
                              "label": [None] * k, "merges": [], "moves": [], "split": [None] * k,
                              "value_names": {}}
     if edits is None:
@@ -146,7 +150,8 @@ def _value_names(values: list[str], state: dict[str, Any]) -> str:
         return ""
     fields = "".join(
         f'<span class="field"><label for="value-name-{i}">Label {html.escape(v)}</label>'
-        f'<input type="text" id="value-name-{i}" class="value-name short-name" data-value="{html.escape(v, quote=True)}"'
+        f'<input type="text" id="value-name-{i}" class="value-name"'
+        f' data-value="{html.escape(v, quote=True)}"'
         f' value="{html.escape(state["value_names"].get(v, ""), quote=True)}" autocomplete="off" spellcheck="false"'
         f' placeholder="name (optional)"></span>' for i, v in enumerate(values))
     return f"""
@@ -170,12 +175,14 @@ a{color:var(--accent)}
 header{padding:8px 20px;border-bottom:1px solid var(--line)}
 header h1{font-size:1.3rem;margin:0 0 2px}
 header p,header details{margin:2px 0;color:var(--muted);font-size:.95rem}
-code{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:.9em;background:#eef0f4;padding:0 3px;border-radius:3px}
+code{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:.9em;background:#eef0f4;padding:0 3px;
+  border-radius:3px}
 .layout{display:grid;grid-template-columns:minmax(0,1fr) 380px;gap:18px;padding:14px 20px;align-items:start}
 main h2{font-size:1.15rem;margin:0 0 4px}
 .cluster{background:var(--card);border:1px solid var(--line);border-left:6px solid var(--accent);border-radius:6px;
   padding:10px 14px;margin-bottom:16px}
-.cluster.dropped{border-left-color:#8a8a96;background:repeating-linear-gradient(135deg,#f1f1f3 0 12px,#e9e9ed 12px 24px)}
+.cluster.dropped{border-left-color:#8a8a96;
+  background:repeating-linear-gradient(135deg,#f1f1f3 0 12px,#e9e9ed 12px 24px)}
 .cluster.merged{border-left-color:#7b3fb3}
 .head{display:flex;flex-wrap:wrap;gap:4px 18px;align-items:baseline}
 .facts{margin:2px 0}
@@ -399,7 +406,8 @@ _JS = r"""
 
   // clusters.yaml as edits.load_edits reads it.
   function toYaml(result) {
-    const lines = ["# Expert review of the clusters, written by review.html; `histosynth review apply` reads this file."];
+    const lines = ["# Expert review of the clusters, written by review.html; " +
+      "`histosynth review apply` reads this file."];
     for (const p of result.problems) lines.push("# NOT READY: " + p.text.replace(/\n/g, " "));
     lines.push("clusters:");
     for (let c = 0; c < K; c++) {

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from histosynth.clusters.select import read_assignments
 from histosynth.errors import InputError
+from histosynth.io import write_bytes, write_json, write_text
 from histosynth.labels import TileLabels, read_tile_labels
 from histosynth.review.edits import UNLABELLED_GROUP, ReviewEdits, load_edits
 from histosynth.review.page import PageCluster, initial_state, render_review_page
@@ -136,6 +136,11 @@ def template_yaml(k: int, sizes: dict[int, int], suggestions: dict[int, Suggesti
         "# merges: groups of cluster ids that become one class, e.g. [[1, 4]]; give them the same name or",
         "#   name only one of them (default names cluster_<id> never conflict).",
         "# moves: single tiles to put in another cluster, e.g. [{tile: path/as/in/assignments.csv, to: 2}].",
+        "# label / label_name: the lab's label a cluster stands for, e.g.",
+        "#   {name: tumour, label: \"1\", label_name: tumour}.",
+        "# splits: cut a class by a label column or into k-means parts, e.g.",
+        "#   [{cluster: 2, by: label, labels: labels.csv}, {cluster: 0, by: kmeans, n: 3}] (docs/labels.md).",
+        "# review.html makes all of these edits and saves this file.",
         "clusters:",
     ]
     for c in range(k):
@@ -148,10 +153,10 @@ def template_yaml(k: int, sizes: dict[int, int], suggestions: dict[int, Suggesti
     return "\n".join(lines)
 
 
-def _png_base64(image: Image.Image) -> str:
+def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def _existing_edits(path: Path, k: int, sizes: dict[int, int]) -> tuple[ReviewEdits | None, str]:
@@ -214,10 +219,9 @@ def make_review_sheets(cluster_dir: Path, out_dir: Path, tiles_root: Path | None
         ], thumb=thumb)
         missing += miss
         shown += len(centre) + len(sample)
-        path = out_dir / f"cluster_{c}.png"
-        sheet.save(path)
-        files.append(path)
-        cards.append(PageCluster(c, len(members), _png_base64(sheet),
+        png = _png(sheet)
+        files.append(write_bytes(out_dir / f"cluster_{c}.png", png))
+        cards.append(PageCluster(c, len(members), base64.b64encode(png).decode("ascii"),
                                  dict(suggestions[c].counts) if c in suggestions else {},
                                  str(suggestions[c]) if c in suggestions else ""))
     if shown and missing == shown:
@@ -231,17 +235,14 @@ def make_review_sheets(cluster_dir: Path, out_dir: Path, tiles_root: Path | None
     cluster_labels = {int(c): str(v) for c, v in groups.items() if v is not None and v != UNLABELLED_GROUP}
     page = render_review_page(k, len(rows), str(meta.get("rule", "")), cards, state, labels_path, note=note,
                               cluster_labels=cluster_labels)
-    tmp = out_dir / "review.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out_dir / "review.html")
+    write_text(out_dir / "review.html", page)
     template = out_dir / "clusters.yaml"
     if template.exists():  # never overwrite the expert's edits: a rerun writes the fresh template beside them
         template = out_dir / "clusters.template.yaml"
-    template.write_text(template_yaml(k, sizes, suggestions), encoding="utf-8")
+    write_text(template, template_yaml(k, sizes, suggestions))
     files += [out_dir / "review.html", template]
     if suggestions:
         data = {str(c): {"suggestion": str(s), "label": s.label, "votes": s.votes, "annotated": s.annotated,
                          "counts": s.counts} for c, s in suggestions.items()}
-        (out_dir / "suggestions.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
-        files.append(out_dir / "suggestions.json")
+        files.append(write_json(out_dir / "suggestions.json", data))
     return ReviewSummary(k, sizes, suggestions, files, missing)
