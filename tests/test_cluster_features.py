@@ -129,6 +129,9 @@ def test_cluster_cli_unet_features(cache: Path, unet_ckpt: Path, tmp_path: Path)
     r = runner.invoke(app, ["cluster", "--latents", str(cache), "--out", str(tmp_path / "d"), "--features", "hog"])
     assert r.exit_code == 2 and "allowed: latent_features, unet" in r.output
     assert not (tmp_path / "d").exists()
+    (tmp_path / "afile").write_text("x")
+    r = runner.invoke(app, ["cluster", "--latents", str(cache), "--out", str(tmp_path / "afile" / "o")])
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from histosynth.clusters.methods import get_method, method_names
 from histosynth.clusters.select import BALANCE, RULES, ClusterSearchConfig, run_cluster
 from histosynth.clusters.validity import PAPER_INDICES
 from histosynth.errors import InputError
+from histosynth.io import check_writable
 
 
 def _seeds(text: str) -> list[int]:
@@ -66,6 +67,7 @@ def cluster_command(
         raise InputError(f"--tiles: not a folder: {tiles}")
     if features not in FEATURE_KINDS:
         raise InputError(f"--features: unknown value {features!r}; allowed: {', '.join(FEATURE_KINDS)}")
+    check_writable(out, "--out")  # a file in the way is bad input, found before any work
     feature_config = FeatureConfig(kind=features, unet=str(unet) if unet else None, t=unet_t, device=device)
     config = ClusterSearchConfig(k_min=k_min, k_max=k_max, method=method, compare_kmeans=compare_kmeans,
                                  seeds=_seeds(seeds), rule=rule, max_points=max_points,
