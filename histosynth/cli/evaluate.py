@@ -191,44 +191,86 @@ def downstream_command(
     test: Path = typer.Option(..., "--test", help="Folder of labelled test tiles (keep apart from --real)."),
     test_labels: Path = typer.Option(..., "--test-labels", help="file,label CSV of --test."),
     synthetic: Optional[Path] = typer.Option(None, "--synthetic", help="A `generate` output folder."),
-    class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML: model class name -> label."),
-    sizes: str = typer.Option("50,200,800", "--sizes", help="Comma-separated real subset sizes."),
-    seeds: int = typer.Option(3, "--seeds", min=1),
-    max_synthetic: Optional[int] = typer.Option(None, "--max-synthetic", min=1),
-    max_test: Optional[int] = typer.Option(1000, "--max-test", min=1),
-    epochs: int = typer.Option(15, "--epochs", min=1, help="Fixed schedule: change only to compare like with like."),
-    min_steps: int = typer.Option(150, "--min-steps", min=0, help="At least this many optimizer steps per model."),
-    image_size: int = typer.Option(32, "--image-size", min=8),
-    plot: Optional[Path] = typer.Option(None, "--png", help="Write the accuracy plot (PNG) here."),
+    class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML: model class name -> label (default: the labels in the bundle manifest)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Bundle whose manifest labels the classes (default: the one --synthetic's classes.json records)."),
+    sizes: str = typer.Option("100,300,1000", "--sizes", help="Comma-separated real subset sizes."),
+    ratios: str = typer.Option("1,4", "--ratios", help="Comma-separated synthetic tiles per real tile, added to each subset."),
+    seeds: int = typer.Option(5, "--seeds", min=1),
+    max_test: Optional[int] = typer.Option(1000, "--max-test", min=1, help="A fixed stratified subset of the test tiles."),
+    synthetic_only: Optional[int] = typer.Option(None, "--synthetic-only", min=0, help="Tiles of the synthetic-only arm (default: as many as the largest mixed arm adds; 0: none)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per model (default 400; fixed: change only to compare like with like)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default 64."),
+    plot: Optional[Path] = typer.Option(None, "--png", help="Write the ROC AUC and accuracy plot (PNG) here."),
+    markdown: Optional[Path] = typer.Option(None, "--md", help="Write the tables as Markdown here (the plot is linked if --png is given)."),
     json_path: Optional[Path] = JsonOption,
 ) -> None:
-    """Train a small classifier on real subsets, real + synthetic, and synthetic only; accuracy and AUC."""
+    """Train a small ResNet on real subsets, real + synthetic, and synthetic only; accuracy and AUC with 95% CIs."""
     import torch
+    from rich.progress import TimeElapsedColumn
 
-    from histosynth.evaluate.downstream import ClassifierConfig, evaluate_downstream, plot_downstream
+    from histosynth.evaluate.downstream import ClassifierConfig, downstream_markdown, evaluate_downstream, plot_downstream
+    from histosynth.io import write_bytes
 
-    try:
-        size_list = [int(s) for s in sizes.split(",") if s.strip()]
-    except ValueError:
-        raise InputError(f"--sizes: {sizes!r} is not a comma-separated list of integers") from None
+    def numbers(text: str, option: str, kind: type) -> list:
+        try:
+            return [kind(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise InputError(f"{option}: {text!r} is not a comma-separated list of numbers") from None
+
+    # The run takes many minutes: a bad output path must fail now, not after it.
+    for option, target in (("--png", plot), ("--md", markdown), ("--json", json_path)):
+        if target is not None and (target.is_dir() or any(p.exists() and not p.is_dir() for p in target.parents)):
+            raise InputError(f"{option} {target}: is a folder or lies under a file; give a file path")
+    overrides = {k: v for k, v in (("steps", steps), ("batch_size", batch_size)) if v is not None}
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
-    with console.status("training classifiers") as status:
-        result = evaluate_downstream(real, real_labels, test, test_labels, sizes=size_list, synthetic=synthetic,
-                                     class_map=class_map, seeds=seeds, max_synthetic=max_synthetic, max_test=max_test,
-                                     config=ClassifierConfig(image_size=image_size, epochs=epochs, min_steps=min_steps),
-                                     progress=lambda msg: status.update(msg))
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[rate]}"),
+                   console=err_console, transient=True)
+    with bar:
+        task = bar.add_task("downstream", total=None, rate="")
+
+        def report(done: int, total: int, what: str) -> None:
+            elapsed = bar.tasks[task].elapsed or 0.0
+            rate = f"{elapsed / done:.1f} s/model" if done else ""
+            bar.update(task, completed=done, total=total, description=what, rate=rate)
+
+        result = evaluate_downstream(real, real_labels, test, test_labels, sizes=numbers(sizes, "--sizes", int),
+                                     ratios=numbers(ratios, "--ratios", float), synthetic=synthetic, class_map=class_map,
+                                     bundle=bundle, seeds=seeds, max_test=max_test, synthetic_only=synthetic_only,
+                                     config=ClassifierConfig(**overrides), progress=report)
     d = result.to_json()
-    table = Table(title=f"downstream: test accuracy / AUC over {seeds} seeds ({d['n_test']} test tiles)")
-    for col in ("arm", "real", "synthetic", "accuracy", "AUC"):
+    table = Table(title=f"downstream: test ROC AUC / accuracy, mean [95% CI] over {seeds} seeds ({d['n_test']} test tiles)")
+    for col in ("arm", "real", "synthetic", "ROC AUC", "accuracy"):
         table.add_column(col, justify="right")
     for r in d["results"]:
-        table.add_row(r["arm"], str(r["n_real"]), str(r["n_synthetic"]),
-                      f"{_fmt(r['accuracy']['mean'], 3)} +- {_fmt(r['accuracy']['std'], 2)}",
-                      f"{_fmt(r['auc']['mean'], 3)} +- {_fmt(r['auc']['std'], 2)}")
+        table.add_row(r["arm"] + (f" {r['ratio']:g}x" if r["ratio"] else ""), str(r["n_real"]), str(r["n_synthetic"]),
+                      _ci(r["auc"]), _ci(r["accuracy"]))
     console.print(table)
+    for g in d["gains"]:
+        console.print(f"{g['n_real']} real + {g['ratio']:g}x synthetic: ROC AUC {_ci(g['auc'], 100, signed=True)} points "
+                      "against real only (paired by seed)", highlight=False)
+    for note in d["notes"]:
+        err_console.print(f"[bold yellow]note:[/] {note}", highlight=False)
+    console.print(f"{d['timing']['models']} models in {d['timing']['seconds']:.0f} s "
+                  f"({d['timing']['seconds_per_model']} s per model)")
     if plot is not None:
-        console.print(f"plot: {plot_downstream(result, plot)}")
+        console.print(f"plot: {plot_downstream(d, plot)}")
+    if markdown is not None:
+        import os
+
+        link = None if plot is None else os.path.relpath(plot.resolve(), markdown.resolve().parent)
+        write_bytes(markdown, "\n".join(downstream_markdown(d, link)).encode())
+        console.print(f"markdown: {markdown}")
     _write_json(json_path, d)
+
+
+def _ci(s: dict[str, Any], scale: float = 1.0, signed: bool = False) -> str:
+    """``mean [lo, hi]`` of an interval object (``-`` without a mean; no brackets from one seed)."""
+    if s["mean"] is None:
+        return "-"
+    f = "{:+.3g}" if signed else "{:.3g}"
+    text = f.format(s["mean"] * scale)
+    return text + (f" [{f.format(s['ci95'][0] * scale)}, {f.format(s['ci95'][1] * scale)}]" if s["ci95"] else "")
 
 
 @evaluate_app.command("report")

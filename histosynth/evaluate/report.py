@@ -67,27 +67,39 @@ def _control_section(d: dict[str, Any], out_dir: Path, tag: str) -> list[str]:
 
 
 def _downstream_section(d: dict[str, Any], out_dir: Path, tag: str) -> list[str]:
-    out = ["## Downstream classifier utility", ""]
-    rows = [[r["arm"], r["n_real"], r["n_synthetic"],
-             f"{_f(r['accuracy']['mean'], 3)} +- {_f(r['accuracy']['std'], 2)}",
-             f"{_f(r['auc']['mean'], 3)} +- {_f(r['auc']['std'], 2)}"] for r in d["results"]]
-    out += _table(["arm", "real", "synthetic", "accuracy", "ROC AUC"], rows)
-    sizes = sorted({r["n_real"] for r in d["results"] if r["arm"] != "synthetic"})
-    series = {}
-    for arm in ("real", "real+synthetic", "synthetic"):
-        rs = [r for r in d["results"] if r["arm"] == arm]
-        if not rs:
-            continue
-        nan = float("nan")
-        if arm == "synthetic":
-            series[arm] = (sizes, [rs[0]["accuracy"]["mean"] or nan] * len(sizes), [rs[0]["accuracy"]["std"] or 0.0] * len(sizes))
-        else:
-            series[arm] = ([r["n_real"] for r in rs], [r["accuracy"]["mean"] or nan for r in rs], [r["accuracy"]["std"] or 0.0 for r in rs])
-    if sizes:
-        png = line_plot(series, out_dir / f"downstream-{tag}.png", title="test accuracy", xlabel="labelled real tiles",
-                        ylabel="accuracy", log_x=len(sizes) > 2)
-        out += [f"![downstream accuracy]({png.name})", ""]
-    return out
+    from histosynth.evaluate.downstream import downstream_markdown, plot_downstream
+
+    png = plot_downstream(d, out_dir / f"downstream-{tag}.png") if d["results"] else None
+    return downstream_markdown(d, png.name if png else None)
+
+
+def _memorization_section(d: dict[str, Any], out_dir: Path, tag: str) -> list[str]:
+    from histosynth.errors import RunError
+    from histosynth.evaluate.memorization import contact_sheet
+
+    out = ["## Memorization: copies of training tiles", ""]
+    out += _table(["generated", "training", "reference", "threshold", "SSIM bar", "below threshold", "flagged",
+                   "alpha-precision", "beta-recall", "authenticity"],
+                  [[d["n"], d["n_train"], f"{d['n_reference']} ({d['reference_source']})", d["threshold"],
+                    d["ssim_threshold"], f"{d['n_below_threshold']} ({d['fraction_below_threshold']:.2%})",
+                    f"{len(d['flagged'])} ({d['fraction_flagged']:.2%})", d["alpha_precision"], d["beta_recall"],
+                    d["authenticity"]]])
+    out += [f"A generated tile is flagged when it is closer to a training tile than the {d['percentile']:g}th "
+            f"percentile of the reference tiles' distances and SSIM confirms it (at least the "
+            f"{d['ssim_percentile']:g}th percentile of theirs); {d['n_flat']} near-flat generated tiles are left out.", ""]
+    if d["flagged"]:
+        out += _table(["generated", "nearest training tile", "view", "distance", "SSIM"],
+                      [[Path(m["file"]).name, Path(m["nearest"]).name, m["view"], m["distance"], m["ssim"]]
+                       for m in d["flagged"][:20]])
+    if d.get("closest"):
+        try:
+            png = contact_sheet(d["closest"], out_dir / f"memorization-{tag}.png")
+            out += ["Closest pairs (generated left, in the matching view; training right; framed red: flagged):", "",
+                    f"![closest pairs]({png.name})", ""]
+        except RunError as e:  # the tiles moved or were deleted since the audit
+            out += [f"> the closest pairs could not be drawn: {e}", ""]
+    out += [f"> warning: {w}" for w in d.get("warnings", [])]
+    return out + [""]
 
 
 def _sweep_section(records: list[dict[str, Any]], out_dir: Path, tag: str) -> list[str]:
