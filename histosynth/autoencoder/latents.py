@@ -27,12 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from histosynth.autoencoder.vqgan import VQGAN
 from histosynth.errors import InputError, RunError
+from histosynth.progress import progress_bar
 
 LATENTS_FILE = "latents.npy"
 INDEX_FILE = "index.csv"
@@ -255,11 +254,9 @@ def encode_dataset(
     remaining = Subset(dataset, range(done, n_tiles))
     loader = DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         generator=torch.Generator())  # leaves the caller's global RNG alone
-    bar = Progress(TextColumn("[bold]encoding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True),
-                   disable=not show_progress)
+    bar = progress_bar("tiles", disable=not show_progress)
     with bar:
-        task = bar.add_task("encode", total=n_tiles, completed=done)
+        task = bar.add_task("encoding", total=n_tiles, completed=done)
         for b, images in enumerate(loader):
             images = images.to(device)
             n = images.shape[0]

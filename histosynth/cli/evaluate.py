@@ -18,6 +18,7 @@ from rich.text import Text
 
 from histosynth.cli.common import console, err_console, handle_errors
 from histosynth.errors import InputError
+from histosynth.progress import progress_bar
 
 evaluate_app = typer.Typer(help="Evaluate synthetic tiles: realism, reconstruction, controllability, utility.",
                            no_args_is_help=True)
@@ -26,8 +27,8 @@ JsonOption = typer.Option(None, "--json", help="Also write the results as JSON h
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=True)
+    """The shared bar (done/total, tiles/s, elapsed, ETA) on stderr, cleared when the command prints its table."""
+    return progress_bar("tiles", console=err_console, transient=True)
 
 
 def _finite(v: Any) -> Any:
@@ -165,11 +166,15 @@ def control_command(
     if not (use_clusters or use_classifier):
         raise InputError("give an assigner: --vqgan CKPT --head HEAD, and/or --real DIR --real-labels CSV --class-map YAML")
     results = []
-    with console.status("assigning generated tiles"):
+    with _progress() as bar:
         if use_clusters:
+            task = bar.add_task("assigning tiles (clusters)", total=None)
             results.append(evaluate_control(samples, vqgan=vqgan, head=head, labels=labels, device=device,
-                                            max_per_class=max_per_class).to_json())
+                                            max_per_class=max_per_class,
+                                            progress=lambda done, total: bar.update(task, completed=done,
+                                                                                    total=total)).to_json())
         if use_classifier:
+            bar.add_task("training the classifier assigner", total=None)
             results.append(evaluate_control_classifier(samples, real=real, real_labels=real_labels, class_map=class_map,
                                                        max_per_class=max_per_class).to_json())
     for i, d in enumerate(results):

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from histosynth.cli.common import console, handle_errors
+from histosynth.progress import progress_bar
 from histosynth.sampling.plan import Shard
 from histosynth.sampling.runner import GenerateOptions, generate, merge_shards, summarize_plan
 
@@ -77,18 +77,14 @@ def generate_command(
                       f"{summary.total} tiles; nothing written", highlight=False, soft_wrap=True)
         return
 
-    progress = Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]} tiles/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=console, transient=False)
+    progress = progress_bar("tiles", console=console)
     task = None
 
     def on_progress(done: int, total: int) -> None:
         nonlocal task
         if task is None:
-            task = progress.add_task("generate", total=total, rate="-")
-        elapsed = progress.tasks[0].elapsed or 0.0
-        rate = f"{done / elapsed:.2f}" if done and elapsed else "-"
-        progress.update(task, completed=done, rate=rate)
+            task = progress.add_task("generating", total=total)
+        progress.update(task, completed=done)
 
     with progress:
         result = generate(recipe, out, options, on_progress=on_progress)

@@ -28,11 +28,11 @@ from typing import Callable, Literal, get_args
 import numpy as np
 import torch
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from torch.utils.data import Dataset
 
 from histosynth.errors import InputError, RunError
+from histosynth.progress import progress_bar
 
 SizePolicy = Literal["error", "crop", "resize"]
 SIZE_POLICIES: tuple[str, ...] = get_args(SizePolicy)
@@ -121,14 +121,7 @@ def _to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
 
 
 def _progress(show: bool) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not show,
-    )
+    return progress_bar("files", disable=not show)
 
 
 def default_cache_dir() -> Path:

@@ -29,11 +29,11 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from histosynth.configio import require
 from histosynth.errors import InputError
+from histosynth.progress import progress_bar
 from histosynth.tiles.slides import Slide, choose_level, open_slide
 from histosynth.tiles.tissue import TissueMethod, detect_tissue
 
@@ -287,15 +287,8 @@ def tile_sources(
     report = TileReport(out, csv_path, config, left_out=len(found) - len(sources))
     rows: list[dict] = []
     used_names: set[str] = set()
-    console = Console(stderr=True)
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=not show_progress) as progress:
-        overall = progress.add_task("sources", total=len(sources))
+    with progress_bar("tiles", disable=not show_progress) as progress:
+        overall = progress.add_task("sources", total=len(sources), unit="sources")
         for source in sources:
             # One folder per source; a second source with the same stem gets a numbered folder.
             stem = source.stem or "source"
