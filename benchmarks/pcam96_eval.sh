@@ -1,54 +1,84 @@
 #!/usr/bin/env bash
 # The measured results of weights/pcam96/MODEL_CARD.md, from the shipped bundle and its training artefacts.
-#   bash benchmarks/pcam96_eval.sh [OUT]        (default OUT=runs/pcam96/eval; needs ../shared/data and
-#                                               `pip install -e ".[metrics]"` for the Inception network)
-# Writes JSON per metric into OUT; nothing here reads the validation tiles to choose anything.
+#   bash benchmarks/pcam96_eval.sh [OUT] [STEP...]   (default OUT=runs/pcam96/eval2; needs ../shared/data and
+#                                                   `pip install -e ".[metrics]"` for the Inception network)
+# Writes JSON per metric into OUT. The validation tiles (pcam/valid) are only measured: nothing here chooses
+# anything from them. Steps: budget control memorization downstream speed (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-runs/pcam96/eval}
+OUT=${1:-runs/pcam96/eval2}
+shift || true
+STEPS=${*:-budget control memorization downstream speed}
 B=weights/pcam96
 T=$B/training
 DATA=../shared/data/pcam
 mkdir -p "$OUT"
-machine="$(uname -m), $(nproc) CPU cores, $(python -c 'import torch; print("torch", torch.__version__)')"
+machine="$(uname -m), $(nproc --all) CPU cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(python -c 'import torch; print("torch", torch.__version__)')"
 echo "machine: $machine" | tee "$OUT/machine.txt"
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 
-# 1. Realism: 2,907 generated tiles (class proportions of the training clusters) vs the 2,907 validation tiles,
-#    and the real-vs-real floor: 2,907 training tiles vs the same validation tiles.
-python - "$T/label_map.yaml" "$OUT/eval-recipe.yaml" <<'EOF'
-import sys, yaml
-label_map = yaml.safe_load(open(sys.argv[1]))
-weights = {c["name"]: int(c["tiles"]) for c in label_map["classes"]}
-recipe = {"bundle": "../../../weights/pcam96", "seed": 12345, "batch_size": 64,
-          "proportions": {"total": 2907, "weights": weights}, "sampler": {"name": "dpmpp2m", "steps": 20}}
-yaml.safe_dump(recipe, open(sys.argv[2], "w"), sort_keys=False)
+# Generated tiles shared by the budget, memorization and downstream: 1,000 per class (4,000; the downstream
+# protocol's 4x arm needs 4 x 1,000), dpmpp2m 20 steps, no guidance (the paper's setting).
+cat > "$OUT/eval-recipe.yaml" <<EOF
+bundle: $(realpath --relative-to="$OUT" "$B")
+seed: 12345
+batch_size: 50
+balanced: {per_class: 1000}
+sampler: {name: dpmpp2m, steps: 20, guidance: 1.0}
 EOF
-/usr/bin/time -f "%e s" -o "$OUT/generate_time.txt" \
-  histosynth generate --recipe "$OUT/eval-recipe.yaml" --out "$OUT/generated" --backend auto
-histosynth evaluate fid --real $DATA/valid --fake "$OUT/generated" --json "$OUT/fid.json"
-[ -f "$OUT/fid_floor.json" ] || \
-  histosynth evaluate fid --real $DATA/valid --fake $DATA/train --max-images 2907 --json "$OUT/fid_floor.json"
+if has budget || has memorization || has downstream; then
+  /usr/bin/time -f "%e s" -o "$OUT/generate_time.txt" \
+    histosynth generate --recipe "$OUT/eval-recipe.yaml" --out "$OUT/generated"
+fi
 
-# 2. Reconstruction (the paper's paired metrics) on the validation tiles: VQ-GAN encoder + the shipped decoder.
-histosynth evaluate recon --tiles $DATA/valid --vqgan "$T/vqgan.safetensors" --bundle $B --json "$OUT/recon.json"
+# 1. The error budget at n = 2,907 (every validation tile): floor, reconstruction, generated.
+if has budget; then
+  histosynth evaluate recon --tiles $DATA/valid --vqgan "$T/vqgan.safetensors" --bundle $B --write "$OUT/recon" \
+    --json "$OUT/recon.json"
+  histosynth evaluate budget --real $DATA/valid --train $DATA/train --reconstructions "$OUT/recon" \
+    --generated "$OUT/generated" --n 2907 --json "$OUT/budget.json"
+fi
 
-# 3. Controllability: 100 tiles per class, assigned back by the model's own cluster head.
-cat > "$OUT/control-recipe.yaml" <<EOF
-bundle: ../../../weights/pcam96
+# 2. Controllability, 100 tiles per class, with and without guidance: the label by a small CNN trained on labelled
+#    real training tiles (the tumour flag), the tissue cluster by the model's own IMC head.
+if has control; then
+  for g in 1 2; do
+    cat > "$OUT/control-recipe-g$g.yaml" <<EOF
+bundle: $(realpath --relative-to="$OUT" "$B")
 seed: 777
 batch_size: 50
 balanced: {per_class: 100}
-sampler: {name: dpmpp2m, steps: 20}
+sampler: {name: dpmpp2m, steps: 20, guidance: $g.0}
 EOF
-histosynth generate --recipe "$OUT/control-recipe.yaml" --out "$OUT/control-samples"
-histosynth evaluate control --samples "$OUT/control-samples" --vqgan "$T/vqgan.safetensors" \
-  --head "$T/imc_head.safetensors" --labels "$T/label_map.yaml" --png "$OUT/control.png" --json "$OUT/control.json"
+    histosynth generate --recipe "$OUT/control-recipe-g$g.yaml" --out "$OUT/control-g$g"
+    python - "$T/label_map.yaml" "$OUT/class_to_label.yaml" <<'EOF'
+import sys, yaml
+classes = yaml.safe_load(open(sys.argv[1]))["classes"]
+yaml.safe_dump({c["name"]: int(c["label"]) for c in classes}, open(sys.argv[2], "w"))
+EOF
+    histosynth evaluate control --samples "$OUT/control-g$g" --vqgan "$T/vqgan.safetensors" \
+      --head "$T/imc_head.safetensors" --labels "$T/label_map.yaml" --real $DATA/train \
+      --real-labels $DATA/train_labels.csv --class-map "$OUT/class_to_label.yaml" \
+      --png "$OUT/control-g$g.png" --json "$OUT/control-g$g.json"
+  done
+fi
 
-# 4. Downstream utility: tumour-vs-normal classifier on real subsets, with and without synthetic tiles.
-if [ -f "$T/class_to_label.yaml" ]; then
-  histosynth evaluate downstream --real $DATA/train --real-labels $DATA/train_labels.csv \
-    --test $DATA/valid --test-labels $DATA/valid_labels.csv --synthetic "$OUT/generated" \
-    --class-map "$T/class_to_label.yaml" --sizes 50,200,800 --seeds 3 --png "$OUT/downstream.png" \
-    --json "$OUT/downstream.json"
+# 3. Memorization: did the model copy training tiles? (generated vs the 19,171 training tiles)
+if has memorization; then
+  histosynth evaluate memorization --train $DATA/train --generated "$OUT/generated" --reference $DATA/valid \
+    --png "$OUT/memorization.png" --json "$OUT/memorization.json"
+fi
+
+# 4. Downstream: tumour-vs-normal classifier on 100/300/1,000 real tiles, with 1x/4x synthetic, 5 seeds.
+if has downstream; then
+  python benchmarks/downstream.py --synthetic "$OUT/generated" --bundle $B --out "$OUT/downstream" \
+    > "$OUT/downstream-summary.json"
+fi
+
+# 5. Generation speed of the README's main command (200 tiles) on this machine.
+if has speed; then
+  rm -rf "$OUT/readme-main"
+  /usr/bin/time -f "%e s" -o "$OUT/readme_main_time.txt" \
+    histosynth generate --recipe recipes/balanced.yaml --out "$OUT/readme-main"
 fi
 echo "results in $OUT"
