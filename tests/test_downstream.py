@@ -214,3 +214,15 @@ def test_benchmark_script_writes_json_markdown_and_plot(shared_data: Path, plant
     assert d["n_test"] == 20 and d["inputs"]["test"].endswith("valid")
     assert (tmp_path / "out" / "downstream.png").is_file()
     assert "![downstream ROC AUC and accuracy](downstream.png)" in (tmp_path / "out" / "downstream.md").read_text()
+
+
+def test_three_label_draws_where_a_smaller_subset_needs_more_of_a_label(planted: Path, tmp_path: Path) -> None:
+    """Largest-remainder counts are not monotone in n for 3+ labels (label 0 of a 1:3:3 pool gets 2 of 10
+    tiles but 1 of 11); every arm's tiles must still be loaded and drawn."""
+    counts = np.array([10, 30, 30])
+    assert stratified_counts(counts, 10)[0] == 2 and stratified_counts(counts, 11)[0] == 1
+    files = sorted(p.name for p in (planted / "real").iterdir())[:70]
+    _write_labels(tmp_path / "three.csv", [(f, 0 if i < 10 else 1 if i < 40 else 2) for i, f in enumerate(files)])
+    result = evaluate_downstream(planted / "real", tmp_path / "three.csv", planted / "real", tmp_path / "three.csv",
+                                 sizes=[10, 11], seeds=1, config=dataclasses.replace(TINY, steps=1))
+    assert [(r.arm, r.n_real) for r in result.results] == [("real", 10), ("real", 11)] and result.labels == [0, 1, 2]

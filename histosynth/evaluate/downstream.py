@@ -504,26 +504,31 @@ def evaluate_downstream(
             notes.append(f"synthetic labels {extra} never occur in the real labels: those tiles are not used")
     n_only = (int(max(sizes) * max(ratios)) if synthetic_only is None else synthetic_only) if synthetic is not None else 0
 
-    # Synthetic tiles are drawn in the real pool's label proportions: check there are enough of each.
+    # Tiles of each label every arm takes (largest remainder is not monotone in n for 3+ labels, so take the
+    # maximum over arms, not the largest arm's counts). Synthetic tiles come in the real pool's label
+    # proportions: check there are enough of each.
     proportions = real_counts / real_counts.sum()
-    n_syn_max = max([int(round(n * r)) for n in sizes for r in ratios] + [n_only]) if synthetic is not None else 0
-    if n_syn_max:
-        need = stratified_counts(proportions, n_syn_max)
-        have = np.array([(syn_y == v).sum() for v in real_values])
-        short = [f"label {v}: needs {k}, has {h}" for v, k, h in zip(real_values, need, have) if h < k]
+    real_need = np.max([stratified_counts(proportions, n) for n in sizes], axis=0)
+    syn_sizes = ([int(round(n * r)) for n in sizes for r in ratios] + ([n_only] if n_only else [])
+                 if synthetic is not None else [])
+    syn_need = np.max([stratified_counts(proportions, k) for k in syn_sizes], axis=0) if syn_sizes else None
+    for what, need, have in (("real", real_need, real_counts),
+                             ("synthetic", syn_need, np.array([(syn_y == v).sum() for v in real_values]))):
+        short = [] if need is None else [f"label {v}: needs {k}, has {h}" for v, k, h in zip(real_values, need, have) if h < k]
         if short:
-            raise InputError(f"{synthetic}: too few synthetic tiles for the largest arm ({n_syn_max} tiles in the real "
-                             f"label proportions; {'; '.join(short)}); generate more, or lower --sizes, --ratios or "
-                             "--synthetic-only")
+            raise InputError(f"{synthetic if what == 'synthetic' else real_labels}: too few {what} tiles for the largest "
+                             f"arm (drawn in the real label proportions; {'; '.join(short)}); "
+                             + ("generate more, or lower --sizes, --ratios or --synthetic-only" if what == "synthetic"
+                                else "lower --sizes"))
 
     # One nested draw per seed; only the tiles some model uses are decoded.
     draws = []
     for seed in range(seeds):
         draws.append((_orders(pool_y, real_values, np.random.default_rng([seed, 1])),
                       _orders(syn_y, real_values, np.random.default_rng([seed, 2]))))
-    real_used = np.unique(np.concatenate([_take(r, stratified_counts(proportions, sizes[-1])) for r, _ in draws]))
-    syn_used = (np.unique(np.concatenate([_take(s, stratified_counts(proportions, n_syn_max)) for _, s in draws]))
-                if n_syn_max else np.zeros(0, dtype=np.int64))
+    real_used = np.unique(np.concatenate([_take(r, real_need) for r, _ in draws]))
+    syn_used = (np.unique(np.concatenate([_take(s, syn_need) for _, s in draws])) if syn_need is not None
+                else np.zeros(0, dtype=np.int64))
     total = seeds * (len(sizes) * (1 + (len(ratios) if synthetic is not None else 0)) + (1 if n_only else 0))
     if progress:
         progress(0, total, f"reading {len(real_used)} real, {len(test_files)} test and {len(syn_used)} synthetic tiles")
