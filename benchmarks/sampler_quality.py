@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import sys
@@ -34,6 +33,7 @@ import yaml
 
 from histosynth.diffusion.samplers import SAMPLERS
 from histosynth.errors import InputError, RunError
+from histosynth.io import json_safe, write_json
 
 DEFAULT_SETTINGS = "ddpm:1000,ddim:50,ddim:20,dpmpp2m:20,dpmpp2m:10"
 GOAL = {
@@ -117,11 +117,6 @@ def _clear_setting_folder(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
-def _finite(v: float) -> Optional[float]:
-    """JSON has no NaN/inf: such values are written as null (as `histosynth evaluate` does)."""
-    return v if math.isfinite(v) else None
-
-
 def goal_verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's goal, and whether these results meet it (null when the settings cannot tell)."""
     goal = dict(GOAL)
@@ -200,7 +195,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
             # Generated folders are made afresh each run, so caching their features would only fill the cache.
             fake = folder_features(folder, network, batch_size=args.fid_batch_size, use_cache=False)
             m = compare_features(real.features, fake.features, seed=args.seed)
-            record.update({"fid": _finite(m.fid), "kid_mean": m.kid_mean, "kid_std": m.kid_std,
+            record.update({"fid": json_safe(m.fid), "kid_mean": m.kid_mean, "kid_std": m.kid_std,
                            "precision": m.precision, "recall": m.recall, "density": m.density,
                            "coverage": m.coverage})
             warnings.extend(w for w in m.warnings if w not in warnings)
@@ -276,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, records)  # NaN/inf as null, as `histosynth evaluate` writes them
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -39,6 +39,7 @@ import yaml
 
 from histosynth.configio import from_dict, load_yaml, require
 from histosynth.errors import InputError
+from histosynth.io import write_csv, write_text
 
 # Class names become folder names of `generate`'s output, so they must be safe path components.
 FORBIDDEN_NAME_CHARS = frozenset('/\\:*?"<>|') | {chr(c) for c in range(32)}
@@ -178,7 +179,6 @@ def read_label_map(path: str | Path) -> LabelMap:
 def write_label_map(label_map: LabelMap, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
     """Write the label map YAML at `out` and `<stem>_tiles.csv` beside it (atomically); returns the CSV path."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tiles_csv = out.with_name(f"{out.stem}_tiles.csv")
     names = {c.id: c.name for c in label_map.classes}
 
@@ -196,16 +196,9 @@ def write_label_map(label_map: LabelMap, out: str | Path, provenance: dict[str, 
         "excluded_tiles": label_map.excluded_tiles,
         **(provenance or {}),
     }
-    tmp = tiles_csv.with_name(tiles_csv.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["tile", "class_id", "class_name"])
-        for tile, cls in label_map.tile_labels:
-            w.writerow([tile, cls, names[cls]])
-    tmp.replace(tiles_csv)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    tmp.replace(out)
+    write_csv(tiles_csv, ["tile", "class_id", "class_name"],
+              ([tile, cls, names[cls]] for tile, cls in label_map.tile_labels))
+    write_text(out, yaml.safe_dump(data, sort_keys=False))
     return tiles_csv
 
 

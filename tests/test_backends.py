@@ -12,6 +12,7 @@ from histosynth.bundle.testing import tiny_bundle
 from histosynth.diffusion.samplers import sample
 from histosynth.diffusion.schedule import NoiseSchedule
 from histosynth.errors import InputError
+from histosynth.imageops import to_uint8
 from histosynth.sampling.backends import (
     Backend,
     OnnxBackend,
@@ -19,7 +20,6 @@ from histosynth.sampling.backends import (
     active_providers,
     available_providers,
     make_backend,
-    to_uint8,
 )
 
 NO_CUDA = not torch.cuda.is_available()

@@ -32,6 +32,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from histosynth.autoencoder.vqgan import VQGAN
 from histosynth.errors import InputError, RunError
 from histosynth.progress import progress_bar
+from histosynth.imageops import DIHEDRAL, apply_dihedral, dihedral_name
+from histosynth.imageops import dihedral_name as transform_name  # noqa: F401 (the former name, still imported)
+from histosynth.io import write_csv, write_json
 
 LATENTS_FILE = "latents.npy"
 INDEX_FILE = "index.csv"
@@ -39,22 +42,6 @@ META_FILE = "latents.json"
 PARTIAL_FILE = "latents.npy.partial"
 PROGRESS_FILE = "encode-progress.json"
 CACHE_VERSION = 1
-
-# The 8 symmetries of the square, as (quarter turns, horizontal flip after the turn).
-DIHEDRAL: tuple[tuple[int, bool], ...] = tuple((k, f) for f in (False, True) for k in range(4))
-
-
-def transform_name(k: int, flip: bool) -> str:
-    """Name of a dihedral view in index.csv: ``identity``, ``rot90``, ..., ``flip``, ``rot90+flip``."""
-    parts = ([f"rot{90 * k}"] if k else []) + (["flip"] if flip else [])
-    return "+".join(parts) or "identity"
-
-
-def apply_dihedral(images: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
-    """`images (..., H, W)` turned by k quarter turns, then flipped left-right if `flip`."""
-    out = torch.rot90(images, k, dims=(-2, -1)) if k else images
-    return torch.flip(out, dims=(-1,)) if flip else out
-
 
 def tile_names(dataset: Dataset) -> list[str]:
     """Where each item of a tile dataset came from (file path, or ``array.npy[i]``), for index.csv."""
@@ -78,12 +65,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(key.encode())
         h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -248,7 +229,7 @@ def encode_dataset(
         array = np.lib.format.open_memmap(partial, mode="r+")
     else:
         array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape)
-        _write_json(progress_file, {"key": key, "shape": list(shape), "done": 0})
+        write_json(progress_file, {"key": key, "shape": list(shape), "done": 0}, sort_keys=True)
 
     # `done` counts whole tiles (all their views); restart at the first tile of an unfinished batch.
     remaining = Subset(dataset, range(done, n_tiles))
@@ -271,20 +252,16 @@ def encode_dataset(
             bar.update(task, completed=done)
             if (b + 1) % chunk_batches == 0 or done == n_tiles:
                 array.flush()
-                _write_json(progress_file, {"key": key, "shape": list(shape), "done": done})
+                write_json(progress_file, {"key": key, "shape": list(shape), "done": done}, sort_keys=True)
             if on_progress is not None:
                 on_progress(done, n_tiles)
     array.flush()
     del array
 
     stats = _stats(np.load(partial, mmap_mode="r", allow_pickle=False))
-    with (out / f".{INDEX_FILE}.tmp").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["index", "path", "transform"])
-        for i, name in enumerate(names):
-            for v, (k, flip) in enumerate(views):
-                writer.writerow([i * len(views) + v, name, transform_name(k, flip)])
-    os.replace(out / f".{INDEX_FILE}.tmp", out / INDEX_FILE)
+    write_csv(out / INDEX_FILE, ["index", "path", "transform"],
+              ([i * len(views) + v, name, dihedral_name(k, flip)]
+               for i, name in enumerate(names) for v, (k, flip) in enumerate(views)))
     os.replace(partial, out / LATENTS_FILE)
     meta = {
         "version": CACHE_VERSION,
@@ -292,14 +269,14 @@ def encode_dataset(
         "dtype": "float16",
         "count": shape[0],
         "tiles": n_tiles,
-        "views": [transform_name(k, flip) for k, flip in views],
+        "views": [dihedral_name(k, flip) for k, flip in views],
         "tile_size": [int(first.shape[-2]), int(first.shape[-1])],
         "downsample_factor": f,
         "key": key,
         **stats,
         "source": dict(source or {}),
     }
-    _write_json(out / META_FILE, meta)  # written last: its presence marks a finished cache
+    write_json(out / META_FILE, meta, sort_keys=True)  # written last: its presence marks a finished cache
     progress_file.unlink(missing_ok=True)
     return LatentCache.open(out)
 

@@ -24,13 +24,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from histosynth.autoencoder.losses import VQGANLoss, VQGANLossConfig
 from histosynth.autoencoder.vqgan import VQGAN, VQGANConfig
 from histosynth.configio import load, require, to_dict
 from histosynth.errors import InputError, RunError
+from histosynth.imageops import dihedral_views, encode_image, tile_grid, to_uint8
+from histosynth.io import write_bytes, write_text
 from histosynth.metrics.ssim import ms_ssim, ms_ssim_scales, psnr, ssim
 from histosynth.runtime import dist
 from histosynth.runtime.checkpointing import (
@@ -192,17 +193,14 @@ def _datasets(config: VQGANTrainConfig, show_progress: bool) -> tuple[Dataset, D
 
 def random_dihedral_batch(images: torch.Tensor) -> torch.Tensor:
     """Each tile of `images (N, C, H, W)` under its own random flip/90-degree rotation (global torch RNG,
-    so resumed runs replay it)."""
-    k = torch.randint(0, 4, (images.shape[0],))
-    flip = torch.randint(0, 2, (images.shape[0],)).bool()
-    out = torch.empty_like(images)
-    for r in range(4):
-        for f in (False, True):
-            sel = ((k == r) & (flip == f)).nonzero().flatten().to(images.device)
-            if sel.numel():
-                x = torch.rot90(images.index_select(0, sel), r, dims=(-2, -1))
-                out[sel] = torch.flip(x, dims=(-1,)) if f else x
-    return out
+    so resumed runs replay it).
+
+    It draws the turns, then the flips (not `imageops.random_dihedral`'s one draw per tile): the same random
+    stream as the runs already made, so a config still trains the same weights.
+    """
+    turns = torch.randint(0, 4, (images.shape[0],))
+    flips = torch.randint(0, 2, (images.shape[0],)).bool()
+    return dihedral_views(images, turns, flips)
 
 
 def random_crop_pair(codes: torch.Tensor, images: torch.Tensor, crop: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,28 +275,10 @@ def evaluate_reconstruction(model: VQGAN, dataset: Dataset, device: torch.device
     return out
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def save_sample_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path) -> Path:
     """PNG with originals in the top row and their reconstructions below (1-px white gaps)."""
-    top, bottom = to_uint8(originals), to_uint8(reconstructions)
-    n, h, w, _ = top.shape
-    gap = 1
-    grid = np.full((2 * h + gap, n * w + (n - 1) * gap, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        x = i * (w + gap)
-        grid[:h, x:x + w] = top[i]
-        grid[h + gap:, x:x + w] = bottom[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    pixels = np.concatenate([to_uint8(originals), to_uint8(reconstructions)])
+    return write_bytes(path, encode_image(tile_grid(pixels, len(originals), gap=1), "png"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,7 +466,7 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resumed_from)
     if resumed_from is None:
         logger.log(0, {"train_tiles": len(train_set), "val_tiles": len(val_set), "world_size": info.world_size,

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 from histosynth.configio import from_dict, require, to_dict
 from histosynth.diffusion.schedule import ScheduleConfig
 from histosynth.errors import InputError
+from histosynth.io import write_text
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -176,5 +177,4 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / MANIFEST_NAME
-    p.write_text(manifest.to_json(), encoding="utf-8")
-    return p
+    return write_text(p, manifest.to_json())

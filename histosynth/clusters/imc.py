@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from histosynth.clusters.features import FeatureScaler, latent_features
-from histosynth.clusters.fileio import atomic_path, write_text
 from histosynth.configio import from_dict, require
 from histosynth.errors import InputError, RunError
+from histosynth.io import atomic_path, write_json
 
 HEAD_FORMAT = "histosynth-imc-head/1"
 
@@ -121,12 +121,11 @@ class IMCHead(nn.Module):
     def save(self, path: str | Path, config: IMCConfig | None = None) -> None:
         """Write weights to `path` (.safetensors) and the architecture (+ training config) to `path`.json."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
         meta = {"format": HEAD_FORMAT, "in_dim": self.in_dim, "k": self.k, "hidden": self.hidden,
                 "features": self.feature_kind, "config": asdict(config) if config else None}
-        write_text(path.with_suffix(".json"), json.dumps(meta, indent=2))
+        write_json(path.with_suffix(".json"), meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "IMCHead":

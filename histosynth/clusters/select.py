@@ -27,7 +27,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from histosynth.clusters.feature_kinds import FeatureConfig, RawFeatures, compute_features
 from histosynth.clusters.features import FeatureScaler
-from histosynth.clusters.fileio import atomic_path, write_text
 from histosynth.clusters.imc import IMCConfig
 from histosynth.clusters.methods import BASELINE, METHODS, Fitted, get_method, method_names
 from histosynth.clusters.validity import (
@@ -36,6 +35,7 @@ from histosynth.clusters.validity import (
 )
 from histosynth.configio import require, to_dict
 from histosynth.errors import InputError, RunError
+from histosynth.io import atomic_path, json_safe, write_csv, write_json  # noqa: F401 (json_safe: benchmarks)
 
 CLUSTER_FORMAT = "histosynth-clusters/1"
 RULES = ("majority",) + ALL_INDICES + ("hartigan_threshold",)
@@ -333,14 +333,6 @@ def load_inputs(latents: Path, index: Path | None = None) -> ClusterInputs:
 # Outputs
 
 
-def _finite(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN/inf
-    if isinstance(v, (np.floating, np.integer)):
-        return _finite(v.item())
-    return v
-
-
 TABLE_COLUMNS = ["method", "k", "clusters_used", *ALL_INDICES, "hartigan_drop", "wss", *BALANCE]
 
 
@@ -372,22 +364,15 @@ def write_cluster_outputs(out_dir: Path, search: ClusterSearch, tiles: Sequence[
         sizes[c] = int(members.sum())
         if members.any():
             distance[members] = np.linalg.norm(xn[members] - xn[members].mean(axis=0), axis=1)
-    with atomic_path(out_dir / "assignments.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["tile", "cluster", "probability", "distance"])
-        for tile, c, p, d in zip(tiles, labels, prob, distance):
-            w.writerow([tile, int(c), f"{float(p):.6f}", f"{float(d):.6f}"])
-    with atomic_path(out_dir / "validity.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(TABLE_COLUMNS)
-        for row in search.table:
-            w.writerow([_fmt(row.get(c)) for c in TABLE_COLUMNS])
+    write_csv(out_dir / "assignments.csv", ["tile", "cluster", "probability", "distance"],
+              ([tile, int(c), f"{float(p):.6f}", f"{float(d):.6f}"] for tile, c, p, d in zip(tiles, labels, prob, distance)))
+    write_csv(out_dir / "validity.csv", TABLE_COLUMNS, ([_fmt(row.get(c)) for c in TABLE_COLUMNS] for row in search.table))
     c = search.choice
     choice = {"k": k, "method": method, "rule": c.rule, "votes": c.votes, "monotone": c.monotone,
               "warnings": c.warnings}
     validity = {"choice": choice, "directions": DIRECTION,
-                "table": [{col: _finite(row.get(col)) for col in TABLE_COLUMNS} for row in search.table]}
-    write_text(out_dir / "validity.json", json.dumps(validity, indent=2))
+                "table": [{col: row.get(col) for col in TABLE_COLUMNS} for row in search.table]}
+    write_json(out_dir / "validity.json", validity)
     plot_validity(search.table, k, out_dir / "validity.png", choice=c, method=method)
     summary = {
         "format": CLUSTER_FORMAT,
@@ -406,17 +391,8 @@ def write_cluster_outputs(out_dir: Path, search: ClusterSearch, tiles: Sequence[
         "config": to_dict(search.config),
         "source": source,
     }
-    write_text(out_dir / "cluster.json", json.dumps(json_safe(summary), indent=2))
+    write_json(out_dir / "cluster.json", summary)
     return summary
-
-
-def json_safe(v: Any) -> Any:
-    """`v` with NaN/inf as None and numpy scalars as Python numbers, recursively (JSON has no NaN)."""
-    if isinstance(v, dict):
-        return {str(k): json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    return _finite(v)
 
 
 def _fmt(v: Any) -> str:
@@ -581,9 +557,8 @@ def plot_validity(table: Sequence[dict[str, Any]], chosen_k: int, path: Path, ch
                 draw.line(pts, fill=colour, width=2)
             for px, py in pts:
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        img.save(tmp)
+        img.save(tmp, format="PNG")
 
 
 def read_assignments(cluster_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -20,20 +20,19 @@ id (`cluster_groups`), so `histosynth review sheets` / `review apply` work on DI
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from histosynth.clusters.fileio import atomic_path, write_text
 from histosynth.clusters.select import (
-    CLUSTER_FORMAT, ClusterSearchConfig, Progress, cluster_rows, json_safe, prepare_features, read_assignments,
+    CLUSTER_FORMAT, ClusterSearchConfig, Progress, cluster_rows, prepare_features, read_assignments,
 )
 from histosynth.clusters.validity import size_balance
 from histosynth.configio import to_dict
 from histosynth.errors import InputError
+from histosynth.io import write_csv, write_json
 
 UNLABELLED = "unlabelled"  # the group of tiles the labels CSV has no (or an empty) label for
 GROUPS_DIR = "groups"
@@ -157,12 +156,9 @@ def run_within_labels(latents: Path, out_dir: Path, config: ClusterSearchConfig,
     }
     for name in _SINGLE_RUN_FILES:
         (out_dir / name).unlink(missing_ok=True)
-    with atomic_path(out_dir / "assignments.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["tile", "cluster", "probability", "distance"])
-        for tile, c, p, d in rows:
-            w.writerow([tile, c, f"{p:.6f}", f"{d:.6f}"])
-    write_text(out_dir / "cluster.json", json.dumps(json_safe(summary), indent=2))
+    write_csv(out_dir / "assignments.csv", ["tile", "cluster", "probability", "distance"],
+              ([tile, c, f"{p:.6f}", f"{d:.6f}"] for tile, c, p, d in rows))
+    write_json(out_dir / "cluster.json", summary)
     summary["table"] = [dict(r, group=label) for label, s in summaries.items() for r in s["table"]]
     return summary
 

@@ -44,6 +44,9 @@ from histosynth.diffusion.samplers import sample as run_sampler
 from histosynth.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from histosynth.diffusion.unet import UNet, UNetConfig
 from histosynth.errors import InputError, RunError
+from histosynth.imageops import encode_image, random_dihedral, tile_grid, to_uint8
+from histosynth.imageops import random_dihedral as dihedral_augment  # noqa: F401 (the former name, still imported)
+from histosynth.io import write_bytes, write_text
 from histosynth.labels import read_label_map
 from histosynth.runtime import dist
 from histosynth.runtime.checkpointing import (
@@ -211,33 +214,6 @@ class _Rows(torch.utils.data.Dataset):
         return int(self.rows[i])
 
 
-def dihedral_augment(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Apply a random flip / 90-degree rotation (one of the 8 symmetries of a square) to each latent.
-
-    Non-square latents get flips only (a rotation would change their shape).
-    """
-    n = x.shape[0]
-    square = x.shape[-1] == x.shape[-2]
-    choice = torch.randint(0, 8 if square else 4, (n,), generator=generator)
-    out = x.clone()
-    for k in range(8 if square else 4):
-        rows = (choice == k).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        y = x[rows]
-        if square:
-            y = torch.rot90(y, k % 4, dims=(-2, -1))
-            if k >= 4:
-                y = torch.flip(y, dims=(-1,))
-        else:
-            if k & 1:
-                y = torch.flip(y, dims=(-1,))
-            if k & 2:
-                y = torch.flip(y, dims=(-2,))
-        out[rows] = y
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # The loss
 
@@ -345,17 +321,6 @@ def copy_matching_weights(unet: UNet, state: dict[str, torch.Tensor]) -> dict[st
 # Sample grids
 
 
-def _grid(images: np.ndarray, cols: int) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> one (rows*H, cols*W, 3) image."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / cols)
-    out = np.full((rows * h, cols * w, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, cols)
-        out[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-    return out
-
-
 def _load_decoder(path: Path, device: torch.device) -> nn.Module:
     from histosynth.autoencoder.train import load_vqgan
 
@@ -367,8 +332,6 @@ def write_sample_grid(unet: UNet, schedule: NoiseSchedule, latent_shape: tuple[i
                       class_ids: torch.Tensor, path: Path, *, steps: int, seed: int,
                       decoder: Optional[nn.Module] = None) -> Path:
     """Sample `class_ids` with a few DDIM steps of `unet`, decode (or show latents as RGB) and save a PNG."""
-    from PIL import Image
-
     device = next(unet.parameters()).device
     was_training = unet.training
     unet.eval()
@@ -385,11 +348,8 @@ def write_sample_grid(unet: UNet, schedule: NoiseSchedule, latent_shape: tuple[i
         lo = x.flatten(2).quantile(0.01, dim=2)[..., None, None]
         hi = x.flatten(2).quantile(0.99, dim=2)[..., None, None]
         images = ((x - lo) / (hi - lo).clamp(min=1e-6) * 2 - 1).clamp(-1, 1)
-    u8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    cols = max(1, int(math.ceil(math.sqrt(len(u8)))))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_grid(u8, cols)).save(path)
-    return path
+    columns = max(1, int(math.ceil(math.sqrt(len(images)))))
+    return write_bytes(path, encode_image(tile_grid(to_uint8(images), columns), "png"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -567,7 +527,7 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
     logger = MetricsLogger(run_dir / LOG_FILE, resume_step=resumed_from)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+        write_text(run_dir / "config.yaml", yaml.safe_dump(meta, sort_keys=False))
         if init_report is not None and resumed_from is None:
             logger.log(0, {"init_copied": len(init_report["copied"]), "init_skipped": len(init_report["skipped"])},
                        split="init")
@@ -605,7 +565,7 @@ def _run(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], pr
             latents = torch.from_numpy(np.asarray(data.latents[cache_rows], dtype=np.float32)).to(device)
             class_ids = torch.from_numpy(class_of_row[cache_rows]).to(device)
             if config.augment:
-                latents = dihedral_augment(latents.cpu()).to(device)
+                latents = random_dihedral(latents.cpu()).to(device)
             x0 = latents * scale
             noise = torch.randn(x0.shape).to(device)
             t = torch.randint(0, schedule.num_train_steps, (x0.shape[0],)).to(device)

@@ -20,6 +20,7 @@ from torch import nn
 
 from histosynth.diffusion.samplers import sample as run_sampler
 from histosynth.diffusion.schedule import NoiseSchedule
+from histosynth.imageops import to_uint8
 from histosynth.metrics.tilestats import Verdict, sample_verdict
 
 CHECK_SAMPLES = 64  # generated tiles: enough for the statistics, ~10 s on a CPU with the shipped sizes
@@ -55,7 +56,7 @@ def check_samples(unet: nn.Module, schedule: NoiseSchedule, decoder: nn.Module, 
                           steps=steps)
     unet.train(was_training)
     images = decoder(latents / latent_scale).clamp(-1, 1)
-    generated = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    generated = to_uint8(images)
     pick = np.linspace(0, len(tile_paths) - 1, num=min(reference, len(tile_paths))).round().astype(int)
     training = _read_tiles([tile_paths[i] for i in np.unique(pick)], generated.shape[1])
     return sample_verdict(generated, training)

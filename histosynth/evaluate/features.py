@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from histosynth.errors import InputError, RunError
+from histosynth.io import atomic_path
 from histosynth.tiles.dataset import default_cache_dir
 
 INCEPTION_SIZE = 299
@@ -259,10 +258,7 @@ def _read_cache(path: Path, key: str, n: int) -> np.ndarray | None:
 
 def _write_cache(path: Path, key: str, features: np.ndarray) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".features.", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, key=np.array(key), features=features)
-        os.replace(tmp, path)
     except OSError:
         pass  # the cache is only a speed-up; a read-only cache folder must not stop the evaluation

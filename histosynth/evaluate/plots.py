@@ -10,6 +10,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from histosynth.imageops import tile_grid
+from histosynth.io import atomic_path
+
 # Colour-blind-safe palette (Okabe & Ito).
 PALETTE = ((0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0), (240, 228, 66), (0, 0, 0))
 
@@ -135,20 +138,10 @@ def confusion_plot(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str],
 
 def image_grid(images: Sequence[np.ndarray], columns: int = 8, pad: int = 2) -> Image.Image:
     """Tile uint8 ``(H, W, 3)`` images (all one size) into one grid image with a white gap."""
-    if not images:
-        raise ValueError("image_grid: no images")
-    h, w = images[0].shape[:2]
-    columns = max(1, min(columns, len(images)))
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), "white")
-    for i, im in enumerate(images):
-        r, c = divmod(i, columns)
-        grid.paste(Image.fromarray(np.asarray(im, dtype=np.uint8)), (pad + c * (w + pad), pad + r * (h + pad)))
-    return grid
+    return Image.fromarray(tile_grid(images, columns, gap=pad, margin=pad))
 
 
 def _save(img: Image.Image, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
-    return path
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)

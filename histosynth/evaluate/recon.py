@@ -20,6 +20,8 @@ import torch
 
 from histosynth.errors import InputError
 from histosynth.evaluate.features import list_images, read_rgb, select_files
+from histosynth.imageops import encode_image, to_uint8
+from histosynth.io import write_bytes
 from histosynth.metrics import ms_ssim, ms_ssim_scales, mse, psnr, ssim
 
 METRICS = ("ssim", "ms_ssim", "psnr", "mse")
@@ -119,7 +121,6 @@ def evaluate_recon(
     The colour, contrast and flat-tile statistics of tiles and reconstructions go into ``inputs["tile_stats"]``.
     """
     from histosynth.metrics.tilestats import compare, tile_stats
-    from histosynth.io import atomic_path
     from histosynth.runtime.devices import resolve_device
 
     if batch_size < 1:
@@ -151,17 +152,12 @@ def evaluate_recon(
         recon = reconstruct(x)
         for name, vals in paired_metrics(x, recon).items():
             values[name].extend(vals)
-        u8 = ((recon.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        u8 = to_uint8(recon)
         originals_u8.append(np.stack(batch))
         recon_u8.append(u8)
         if out_dir is not None:
-            from PIL import Image
-
             for path, image in zip(names, u8):
-                target = (out_dir / path.relative_to(root)).with_suffix(".png")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(target) as tmp:
-                    Image.fromarray(image).save(tmp, format="PNG")
+                write_bytes((out_dir / path.relative_to(root)).with_suffix(".png"), encode_image(image, "png"))
         if progress:
             progress(min(start + batch_size, len(files)), len(files))
     info.update({"tiles": str(tiles), "device": str(dev)})

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -29,6 +28,7 @@ import yaml
 
 from histosynth.configio import to_dict
 from histosynth.errors import InputError
+from histosynth.io import write_json, write_text
 from histosynth.pipeline.config import PipelineConfig
 
 DONE = "done.json"
@@ -148,9 +148,7 @@ class _Pipeline:
             "summary": summary,
         }
         path = self.dirs[name] / DONE
-        tmp = path.with_name(f".{DONE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(path, record, default=str)
 
     # ---- the stages; each returns a summary for done.json, or None to stop the pipeline
 
@@ -280,11 +278,9 @@ def auto_edits(cluster_dir: Path, out: Path, config: PipelineConfig) -> Path:
         clusters[c] = {"name": name, "exclude": sizes[c] == 0}
     if r.merge_same_name:
         merges = [group for group in uses.values() if len(group) > 1]
-    out.parent.mkdir(parents=True, exist_ok=True)
     header = ("# Written by `train pipeline` (review.edits: auto): clusters named by the majority label of their\n"
               "# annotated tiles (data.labels), else cluster_<id>; empty clusters excluded.\n")
-    out.write_text(header + yaml.safe_dump({"clusters": clusters, "merges": merges, "moves": []}, sort_keys=False),
-                   encoding="utf-8")
+    write_text(out, header + yaml.safe_dump({"clusters": clusters, "merges": merges, "moves": []}, sort_keys=False))
     return out
 
 
@@ -333,7 +329,7 @@ def run_pipeline(config: PipelineConfig, run_dir: str | Path, dry_run: bool = Fa
         return result
     run_dir.mkdir(parents=True, exist_ok=True)
     pipe.log = log_both
-    (run_dir / "pipeline.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    write_text(run_dir / "pipeline.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     done = [row.folder.name for row in plan if row.status.startswith("done")]
     log_both(f"pipeline {run_dir}: " + (f"resuming; finished stages skipped: {', '.join(done)}" if done
                                        else "starting"))

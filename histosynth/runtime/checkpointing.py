@@ -20,7 +20,6 @@ The small *export* checkpoint (weights only, optionally fp16) is `histosynth.run
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from histosynth.errors import InputError, RunError
+from histosynth.io import atomic_path
 from histosynth.runtime import dist
 
 RESUME_FORMAT = "histosynth-resume"
@@ -193,15 +193,9 @@ def save_resume_checkpoint(
         except TypeError as e:
             raise RunError(f"checkpoint metadata is not JSON-serialisable: {e}") from None
         path = checkpoint_path(directory, state.step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        try:
+        with atomic_path(path) as tmp:
             save_file(plain, str(tmp), metadata={RESUME_FORMAT: text})
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
             old.unlink(missing_ok=True)
     dist.barrier()

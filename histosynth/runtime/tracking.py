@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from histosynth.io import write_text
 from histosynth.runtime import dist
 
 
@@ -58,9 +58,7 @@ class MetricsLogger:
                     kept.append(line)
             except (json.JSONDecodeError, ValueError, AttributeError):
                 continue  # a line torn by a crash
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
         """Write one record (a no-op off rank 0)."""

@@ -16,7 +16,6 @@ is refused with an `InputError` rather than opened with ``torch.load``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -25,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from histosynth.errors import InputError, RunError
+from histosynth.io import atomic_path
 
 FORMAT = "histosynth-checkpoint"
 FORMAT_VERSION = 1
@@ -66,14 +66,8 @@ def save_checkpoint(
         }
     except TypeError as e:
         raise InputError(f"{path}: checkpoint config/extra must be JSON-serialisable: {e}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(_plain_tensors(state), str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -18,6 +18,7 @@ import torch
 from histosynth.bundle.manifest import DECODER_INPUT, DECODER_OUTPUT, UNET_INPUTS, UNET_OUTPUT
 from histosynth.bundle.store import Bundle
 from histosynth.errors import InputError, RunError
+from histosynth.imageops import to_uint8
 from histosynth.runtime.devices import resolve_device
 
 BACKENDS = ("auto", "onnx", "torch")
@@ -27,12 +28,6 @@ _CPU_EP = "CPUExecutionProvider"
 # Providers that run no model on this machine: Azure forwards requests to a remote endpoint, yet ORT reports
 # it as active in every session of the standard wheel. They are never what runs a bundle.
 _REMOTE_EPS = frozenset({"AzureExecutionProvider"})
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounding to the nearest level."""
-    pixels = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 @runtime_checkable

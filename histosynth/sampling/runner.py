@@ -14,7 +14,6 @@ running the same command again completes the set, with no duplicate and no torn 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
@@ -32,7 +31,8 @@ from histosynth.diffusion.schedule import NoiseSchedule
 from histosynth.errors import InputError, RunError
 from histosynth.sampling.plan import ImageNoise, Item, Plan, Shard
 from histosynth.sampling.recipe import Recipe, load_recipe
-from histosynth.sampling.writers import TMP_MARK, check_writable, encode_image, write_atomic
+from histosynth.imageops import encode_image
+from histosynth.io import check_writable, stale_temporaries, write_bytes, write_csv, write_json, write_text
 
 META = ".histosynth"
 MANIFEST_COLUMNS = ("path", "class_name", "class_id", "index", "seed", "sampler", "steps", "eta", "guidance",
@@ -248,25 +248,24 @@ def _remove_stale_temporaries(out: Path, plan: Plan, shard: Shard) -> None:
     for c in plan.classes:
         for folder in {(out / plan.relpath(c, i)).parent for i in (0, c.count - 1)}:
             if folder.is_dir():
-                for tmp in folder.glob(f".*{TMP_MARK}{tag}"):
+                for tmp in stale_temporaries(folder, tag):
                     tmp.unlink(missing_ok=True)
 
 
 def _write_metadata(out: Path, plan: Plan, recipe: Recipe, bundle) -> None:
     (out / META).mkdir(parents=True, exist_ok=True)
     run = {"fingerprint": plan.fingerprint(), "plan": plan.describe()}
-    write_atomic(out / META / "run.json", (json.dumps(run, indent=2) + "\n").encode())
+    write_json(out / META / "run.json", run, fsync=True)
     classes = [{"id": c.id, "name": c.name} for c in bundle.manifest.classes]
     counts = {c.name: c.count for c in plan.classes}
     for entry in classes:
         entry["count"] = counts.get(entry["name"], 0)
-    write_atomic(out / "classes.json", (json.dumps({"classes": classes, "null_id": bundle.null_id,
-                                                    "bundle": str(bundle.path), "bundle_hash": bundle.manifest_sha256},
-                                                   indent=2) + "\n").encode())
+    write_json(out / "classes.json", {"classes": classes, "null_id": bundle.null_id, "bundle": str(bundle.path),
+                                      "bundle_hash": bundle.manifest_sha256}, fsync=True)
     resolved = to_dict(recipe)
     resolved["bundle"] = str(bundle.path)
     resolved["resolved_counts"] = counts
-    write_atomic(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+    write_text(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False), fsync=True)
 
 
 def _manifest_rows(out: Path, plan: Plan, shard: Shard, done: dict[int, bytearray],
@@ -282,11 +281,7 @@ def _manifest_rows(out: Path, plan: Plan, shard: Shard, done: dict[int, bytearra
 
 
 def _write_manifest(path: Path, rows: Iterator[list]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
-    writer.writerows(rows)
-    write_atomic(path, buffer.getvalue().encode())
+    write_csv(path, MANIFEST_COLUMNS, rows, line_end="\n", fsync=True)
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -381,7 +376,7 @@ def generate(recipe_path: Path, out_dir: Path, options: GenerateOptions = Genera
             except (RuntimeError, MemoryError) as e:
                 raise RunError(f"sampling failed on {backend.name}/{backend.device}: {e}") from e
             for item, image in zip(batch, pixels):
-                write_atomic(out / item.relpath, encode_image(image, fmt, quality, mpp), tag=tag)
+                write_bytes(out / item.relpath, encode_image(image, fmt, quality, mpp), tag=tag, fsync=True)
             # Journal after the renames: a listed image is always complete on disk.
             by_class: dict[int, list[Item]] = {}
             for item in batch:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,8 @@ from torch.utils.data import Dataset
 
 from histosynth.errors import InputError, RunError
 from histosynth.progress import progress_bar
+from histosynth.imageops import apply_dihedral
+from histosynth.io import write_json
 
 SizePolicy = Literal["error", "crop", "resize"]
 SIZE_POLICIES: tuple[str, ...] = get_args(SizePolicy)
@@ -252,11 +253,7 @@ class TileFolder(Dataset):
         if cache_path is not None and decoded:
             payload = {"version": _CACHE_VERSION, "root": str(self.root.resolve()), "files": entries}
             try:
-                cache_path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=".tilefolder.", suffix=".tmp")
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(payload, f)
-                os.replace(tmp, cache_path)
+                write_json(cache_path, payload, indent=None)
             except OSError:
                 pass  # the cache is only a speed-up; a read-only home must not stop training
         return verdicts, decoded
@@ -364,5 +361,4 @@ def random_dihedral(image: torch.Tensor, generator: torch.Generator | None = Non
     """
     k = int(torch.randint(0, 4, (), generator=generator))
     flip = bool(torch.randint(0, 2, (), generator=generator))
-    out = torch.rot90(image, k, dims=(-2, -1))
-    return torch.flip(out, dims=(-1,)) if flip else out
+    return apply_dihedral(image, k, flip)

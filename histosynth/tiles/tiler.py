@@ -21,8 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Literal
@@ -34,6 +32,8 @@ from rich.progress import Progress
 from histosynth.configio import require
 from histosynth.errors import InputError
 from histosynth.progress import progress_bar
+from histosynth.imageops import encode_image
+from histosynth.io import write_bytes, write_text
 from histosynth.tiles.slides import Slide, choose_level, open_slide
 from histosynth.tiles.tissue import TissueMethod, detect_tissue
 
@@ -145,27 +145,6 @@ def _expand(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _encode(tile: np.ndarray, config: TileConfig) -> bytes:
-    buf = io.BytesIO()
-    if config.format == "png":
-        Image.fromarray(tile).save(buf, format="PNG", compress_level=3)
-    else:
-        Image.fromarray(tile).save(buf, format="JPEG", quality=config.jpeg_quality, subsampling=0)
-    return buf.getvalue()
-
-
 def wanted(path: Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> bool:
     """Whether `path` passes the glob filters: matches an `include` pattern (if any) and no `exclude` pattern.
 
@@ -230,7 +209,8 @@ def _tile_one(
                     Image.fromarray(region).resize((config.tile_size, config.tile_size), Image.Resampling.LANCZOS)
                 )
             path = folder / f"{stem}_x{x0}_y{y0}.{ext}"
-            _atomic_write(path, _encode(region, config))
+            # zlib level 3: a slide gives thousands of tiles, so speed before the last percent of size
+            write_bytes(path, encode_image(region, config.format, config.jpeg_quality, png_level=3))
             written.append(path)
             report.tiles_written += 1
             rows_out.append(
@@ -319,5 +299,5 @@ def tile_sources(
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(csv_path, buf.getvalue().encode("utf-8"))
+    write_text(csv_path, buf.getvalue())
     return report
