@@ -189,3 +189,35 @@ def test_labels_doc_yaml_examples_load(tmp_path: Path) -> None:
         load_edits(tmp_path / "c.yaml")
     (tmp_path / "lm.yaml").write_text(next(b for b in blocks if b.startswith("classes:")))
     assert read_label_map(tmp_path / "lm.yaml").cluster_classes()[1] == [0, 1]
+
+
+def test_control_counts_a_split_class_in_its_cluster(tmp_path: Path, monkeypatch) -> None:
+    """The cluster head checks the tissue part of a label split: a_0 landing in cluster 0 ("a_0 | a_1") is right."""
+    import numpy as np
+
+    import histosynth.autoencoder.train as ae_train
+    import histosynth.clusters.imc as imc
+    from histosynth.evaluate import control
+
+    names = ["a_0"] * 3 + ["a_1"] * 2 + ["b"] * 2
+    monkeypatch.setattr(control, "generated_tiles",
+                        lambda folder, max_per_class=None: ([Path(f"{i}.png") for i in range(7)], names,
+                                                            {"a_0": 0, "a_1": 1, "b": 2}))
+    monkeypatch.setattr(ae_train, "load_vqgan", lambda path, device=None: None)
+
+    class Head:
+        k = 3
+
+        def to(self, dev):
+            return self
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(imc.IMCHead, "load", classmethod(lambda cls, path: Head()))
+    monkeypatch.setattr(control, "cluster_assignments",
+                        lambda *a, **k: np.array([0, 0, 1, 0, 0, 1, 0]))
+    result = control.evaluate_control("x", vqgan="v", head="h", labels=_split_map(tmp_path))
+    per = result.per_class()
+    assert per["a_0"]["expected"] == "a_0 | a_1" and per["a_0"]["correct"] == 2
+    assert per["a_1"]["correct"] == 2 and per["b"]["correct"] == 1

@@ -93,7 +93,8 @@ def read_cluster_map(path: str | Path) -> dict[int, str]:
 
     An excluded cluster (null) maps to no class, so its tiles count as ``unmapped``. A cluster the expert
     split maps to the column ``"a | b"``: the head cannot tell the parts apart, so a tile generated for
-    ``a`` that lands there is not counted as correct (use the classifier assigner for label splits).
+    ``a`` that lands there counts as correct for the head's part of the condition (the tissue cluster);
+    the classifier assigner checks the label part of a label split.
     """
     data = load_yaml(path)
     if isinstance(data, dict) and "classes" in data:
@@ -212,7 +213,9 @@ def evaluate_control(
     columns = list(dict.fromkeys([*rows, *sorted(set(cluster_to_class.values()) - set(rows))]))
     if UNMAPPED in predicted:
         columns.append(UNMAPPED)
-    result = ControlResult("clusters", rows, columns, _confusion(names, predicted, rows, columns), {r: r for r in rows})
+    # A class of a split cluster is expected in its cluster's column ("a | b"), the most the head can check.
+    expected = {r: next((col for col in cluster_to_class.values() if r in col.split(" | ")), r) for r in rows}
+    result = ControlResult("clusters", rows, columns, _confusion(names, predicted, rows, columns), expected)
     result.inputs = {"samples": str(samples), "vqgan": str(vqgan), "head": str(head), "labels": None if labels is None else str(labels),
                      "k": int(imc.k), "cluster_to_class": {str(k): v for k, v in sorted(cluster_to_class.items())}}
     return result
