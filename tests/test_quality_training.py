@@ -19,7 +19,7 @@ from histosynth.configio import from_dict
 from histosynth.errors import InputError
 from histosynth.metrics.tilestats import FLAT_STD, compare, sample_verdict, tile_stats
 from histosynth.runtime.tracking import TrainProgress, read_metrics
-from histosynth.runtime.trainer import EMA
+from histosynth.runtime.ema import EMA
 
 TINY = {
     "tile_size": 32,

@@ -36,7 +36,7 @@ from histosynth.runtime.checkpointing import (
     save_resume_checkpoint,
 )
 from histosynth.runtime.tracking import MetricsLogger, read_metrics
-from histosynth.runtime.trainer import EMA
+from histosynth.runtime.ema import EMA
 
 # 32-px centre crops of the 96-px PCam tiles keep each step cheap on a shared 2-core machine.
 TINY = {

@@ -41,9 +41,11 @@ from histosynth.runtime.checkpointing import (
     read_resume_header,
     save_resume_checkpoint,
 )
+from histosynth.runtime.batches import resumable_batches
+from histosynth.runtime.ema import EMA, ema_as_module
+from histosynth.runtime.seeding import seed_everything
 from histosynth.runtime.tracking import MetricsLogger, TrainProgress
-from histosynth.runtime.trainer import EMA, ema_as_module, resumable_batches, save_export, seed_everything
-from histosynth.runtime.weights import load_checkpoint, load_state_dict
+from histosynth.runtime.weights import load_checkpoint, load_state_dict, save_export
 from histosynth.tiles.dataset import SizePolicy, open_tiles
 
 EXPORT_NAME = "vqgan.safetensors"

@@ -55,8 +55,9 @@ from histosynth.runtime.checkpointing import (
     load_resume_checkpoint,
     save_resume_checkpoint,
 )
+from histosynth.runtime.ema import EMA, ema_as_module
+from histosynth.runtime.seeding import seed_everything
 from histosynth.runtime.tracking import MetricsLogger, TrainProgress
-from histosynth.runtime.trainer import EMA, ema_as_module, seed_everything
 from histosynth.runtime.weights import load_checkpoint, save_checkpoint
 
 UNET_FILE = "unet.safetensors"  # the EMA weights `histosynth export` reads

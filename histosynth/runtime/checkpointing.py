@@ -239,7 +239,8 @@ def load_resume_checkpoint(
     """Load weights and optimizer states in place and return the train state, extra tensors and meta.
 
     This rank's RNG states are restored when the checkpoint was written by a run with the same number
-    of processes (`restore_rng`); otherwise the caller should re-seed (`seed_everything(seed, rank, step)`).
+    of processes (`restore_rng`); otherwise the caller should re-seed
+    (`runtime.seeding.seed_everything(seed, rank, step)`).
     """
     path = Path(path)
     header = read_resume_header(path)

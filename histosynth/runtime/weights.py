@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Literal, Mapping, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from histosynth.errors import InputError, RunError
 from histosynth.io import atomic_path
+from histosynth.runtime import dist
 
 FORMAT = "histosynth-checkpoint"
 FORMAT_VERSION = 1
@@ -69,6 +70,30 @@ def save_checkpoint(
     with atomic_path(path) as tmp:
         save_file(_plain_tensors(state), str(tmp), metadata=metadata)
     return path
+
+
+def save_export(
+    module: torch.nn.Module,
+    path: str | Path,
+    config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+    *,
+    dtype: Literal["float16", "float32"] = "float16",
+) -> Path | None:
+    """Write the small export checkpoint (weights only, floats cast to `dtype`) on rank 0.
+
+    It is this module's format, so `load_checkpoint` and the bundle builder read it; load it into an fp32
+    network for further training or encoding (`load_state_dict` casts). Training runs write their EMA
+    weights with it.
+    """
+    if not dist.is_main():
+        return None
+    torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+    state = {
+        k: v.detach().to("cpu", torch_dtype) if v.is_floating_point() else v.detach().cpu()
+        for k, v in dist.unwrap(module).state_dict().items()
+    }
+    return save_checkpoint(state, path, config, {**dict(extra or {}), "dtype": dtype})
 
 
 def _json_field(path: Path, metadata: Mapping[str, str], key: str, required: bool) -> dict[str, Any]:

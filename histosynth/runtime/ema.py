@@ -1,41 +1,14 @@
-"""Pieces every training loop shares: seeding, an exponential moving average of weights, the export file.
-
-Checkpoints that resume a run live in `histosynth.runtime.checkpointing`; metrics logs and the progress
-bar in `histosynth.runtime.tracking`.
-"""
+"""Exponential moving average of a network's weights: what both training stages validate, sample and ship."""
 
 from __future__ import annotations
 
 import copy
-import random
-from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from histosynth.errors import InputError
 from histosynth.runtime import dist
-from histosynth.runtime.weights import save_checkpoint
-
-# Ranks are offset by this much from the user's seed, and resumed runs that cannot restore RNG states
-# by the step, so no two (rank, step) pairs share a stream for any realistic run length.
-RANK_SEED_STRIDE = 1_000_003
-
-
-def seed_everything(seed: int, rank: int = 0, offset: int = 0) -> int:
-    """Seed Python, NumPy and torch (CPU and CUDA) for this rank; returns the seed used.
-
-    Each rank gets ``seed + rank * RANK_SEED_STRIDE + offset``: ranks draw different augmentations and
-    dropout masks (otherwise N processes would do the same work), yet a run is reproducible from `seed`.
-    """
-    if seed < 0:
-        raise InputError(f"--seed: must be >= 0, got {seed}")
-    value = seed + rank * RANK_SEED_STRIDE + offset
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)  # also seeds every CUDA device
-    return value
 
 
 class EMA:
@@ -129,45 +102,3 @@ class _ShadowModule(torch.nn.Module):
 def ema_as_module(ema: EMA) -> torch.nn.Module:
     """Wrap an `EMA` so checkpointing sees it as a module with a state dict."""
     return _ShadowModule(ema)
-
-
-def save_export(
-    module: torch.nn.Module,
-    path: str | Path,
-    config: Mapping[str, Any],
-    extra: Mapping[str, Any] | None = None,
-    *,
-    dtype: Literal["float16", "float32"] = "float16",
-) -> Path | None:
-    """Write the small export checkpoint (weights only, floats cast to `dtype`) on rank 0.
-
-    It is `histosynth.runtime.weights`'s format, so `load_checkpoint` and the bundle builder read it;
-    load it into an fp32 network for further training or encoding (`weights.load_state_dict` casts).
-    """
-    if not dist.is_main():
-        return None
-    torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
-    state = {
-        k: v.detach().to("cpu", torch_dtype) if v.is_floating_point() else v.detach().cpu()
-        for k, v in dist.unwrap(module).state_dict().items()
-    }
-    return save_checkpoint(state, path, config, {**dict(extra or {}), "dtype": dtype})
-
-
-def resumable_batches(loader: torch.utils.data.DataLoader, sampler: dist.ResumableSampler, epoch: int = 0,
-                      position: int = 0) -> Iterator[tuple[int, int, Any]]:
-    """Yield ``(epoch, position, batch)`` forever, starting `position` samples into `epoch`.
-
-    `position` is how many samples of the epoch this rank has consumed *after* the batch: store it in
-    `TrainState.epoch_position` with the epoch, and a resumed run continues with the next unseen batch.
-    `loader` must iterate `sampler` (a `ResumableSampler`) and yield tensors (or tuples of them) whose
-    first dimension is the batch.
-    """
-    while True:
-        sampler.set_epoch(epoch)
-        sampler.set_start(position)
-        for batch in loader:
-            first = batch[0] if isinstance(batch, (tuple, list)) else batch
-            position += int(first.shape[0])
-            yield epoch, position, batch
-        epoch, position = epoch + 1, 0
