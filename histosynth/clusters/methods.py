@@ -24,6 +24,7 @@ from sklearn.cluster import KMeans
 
 from histosynth.clusters.imc import IMCHead, im_loss, train_imc
 from histosynth.errors import InputError
+from histosynth.io import atomic_path
 
 if TYPE_CHECKING:
     from histosynth.clusters.features import FeatureScaler
@@ -135,7 +136,8 @@ class KMeansFit:
 
     def save(self, out_dir: Path, config: "ClusterSearchConfig", scaler: "FeatureScaler | None",
              feature_kind: str) -> None:
-        np.save(out_dir / "kmeans_centres.npy", self.centres.astype(np.float32), allow_pickle=False)
+        with atomic_path(out_dir / "kmeans_centres.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, self.centres.astype(np.float32), allow_pickle=False)
         return None
 
 
