@@ -35,7 +35,8 @@ class Backend(Protocol):
     """What the sampler and the writers need from a model runtime."""
 
     name: str  # "torch" or "onnx"
-    device: str  # "cpu", "cuda:0", ...
+    device: str  # "cpu", "cuda:0", ...: where the networks run
+    tensor_device: str  # where the sampler's tensors live: `device`, or "cpu" (ONNX Runtime on CUDA, CPU torch)
     providers: list[str]  # ONNX Runtime execution providers really in use ([] for torch)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ class TorchBackend:
                 # Half precision convolutions on the CPU are slow or missing; refuse rather than crawl.
                 raise InputError(f"--dtype: {_dtype_name(dtype)} is only supported on CUDA; use fp32 on {dev}")
         self._device = dev
-        self.device = str(dev)
+        self.device = self.tensor_device = str(dev)
         self.unet_dtype = unet_dtype
         self.decoder_dtype = decoder_dtype
         self.providers: list[str] = []
@@ -97,8 +98,10 @@ class TorchBackend:
 class OnnxBackend:
     """The bundle's ONNX graphs in ONNX Runtime (fp32).
 
-    On CUDA the inputs and outputs are bound to torch CUDA tensors (I/O binding by `data_ptr`), so latents
-    stay on the GPU between sampler steps; on the CPU numpy views of the tensors are passed.
+    On CUDA with a CUDA build of torch the inputs and outputs are bound to torch CUDA tensors (I/O binding by
+    `data_ptr`), so latents stay on the GPU between sampler steps. The standard install has the CPU build of
+    torch: there (onnxruntime-gpu in place of onnxruntime) the sampler's tensors stay on the CPU and ONNX
+    Runtime copies each call's inputs to the GPU and its output back. On the CPU numpy views are passed.
     """
 
     name = "onnx"
@@ -109,6 +112,10 @@ class OnnxBackend:
         dev = torch.device(device)
         self._device = dev
         self.device = str(dev)
+        # Zero-copy I/O binding needs torch CUDA tensors; without them the loop's tensors stay on the host.
+        self.io_binding = dev.type == "cuda" and torch.cuda.is_available()
+        self._tensor_device = dev if dev.type == "cpu" or self.io_binding else torch.device("cpu")
+        self.tensor_device = str(self._tensor_device)
         self._ort = ort
         _check_onnx_device(dev)
         providers: list[Any] = [_CPU_EP]
@@ -129,20 +136,20 @@ class OnnxBackend:
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         inputs = {
-            UNET_INPUTS[0]: x.to(self._device, torch.float32).contiguous(),
-            UNET_INPUTS[1]: t.to(self._device, self._t_dtype).contiguous(),
-            UNET_INPUTS[2]: class_ids.to(self._device, torch.int64).contiguous(),
+            UNET_INPUTS[0]: x.to(self._tensor_device, torch.float32).contiguous(),
+            UNET_INPUTS[1]: t.to(self._tensor_device, self._t_dtype).contiguous(),
+            UNET_INPUTS[2]: class_ids.to(self._tensor_device, torch.int64).contiguous(),
         }
         out = self._run(self.unet_session, inputs, UNET_OUTPUT, tuple(x.shape))
         return out.to(x.device, x.dtype)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        inputs = {DECODER_INPUT: latents.to(self._device, torch.float32).contiguous()}
+        inputs = {DECODER_INPUT: latents.to(self._tensor_device, torch.float32).contiguous()}
         images = self._run(self.decoder_session, inputs, DECODER_OUTPUT, (latents.shape[0], *self._image_shape))
         return to_uint8(images)
 
     def _run(self, session: Any, inputs: dict[str, torch.Tensor], output: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if self._device.type == "cpu":
+        if not self.io_binding:  # CPU, or CUDA fed from host memory (ORT copies in and out)
             result = session.run([output], {k: v.numpy() for k, v in inputs.items()})[0]
             return torch.from_numpy(result)
         binding = session.io_binding()
@@ -296,9 +303,9 @@ def choose_backend(backend: str = "auto", device: str = "auto", dtype: str = "au
     spec = dtype.strip().lower()
     if spec != "auto" and spec not in DTYPES:
         raise InputError(f"--dtype: unknown value {dtype!r}; allowed: auto, {', '.join(DTYPES)}")
-    dev = resolve_device(device)
+    dev = _resolve_device(device, backend)
     if backend == "auto":
-        backend = "torch" if dev.type == "cuda" else "onnx"
+        backend = "torch" if dev.type == "cuda" and torch.cuda.is_available() else "onnx"
     if backend == "onnx":
         if spec not in ("auto", "fp32"):
             raise InputError(f"--dtype {dtype}: the ONNX backend runs fp32 only; use --backend torch for fp16/bf16")
@@ -309,6 +316,29 @@ def choose_backend(backend: str = "auto", device: str = "auto", dtype: str = "au
         # Half precision convolutions on the CPU are slow or missing; refuse rather than crawl.
         raise InputError(f"--dtype: {_dtype_name(unet_dtype)} is only supported on CUDA; use fp32 on {dev}")
     return BackendChoice("torch", dev, unet_dtype)
+
+
+def _resolve_device(spec: str, backend: str) -> torch.device:
+    """`resolve_device`, except that ONNX Runtime's GPU build runs `cuda[:N]` without a CUDA build of torch.
+
+    The standard install has CPU torch; a GPU user swaps onnxruntime for onnxruntime-gpu (docs/bundle.md) and
+    asks for `--device cuda`. Whether a GPU really answers is checked when the session starts.
+    """
+    try:
+        return resolve_device(spec)
+    except InputError:
+        s = spec.strip().lower()
+        index = s.removeprefix("cuda").removeprefix(":")
+        if (backend in ("auto", "onnx") and s.startswith("cuda") and (index == "" or index.isdigit())
+                and not torch.cuda.is_available() and _ort_has_cuda()):
+            return torch.device(f"cuda:{int(index or 0)}")
+        raise
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return _CUDA_EP in ort.get_available_providers()
 
 
 def make_backend(
@@ -342,7 +372,7 @@ def time_backend(backend: Backend, bundle: Bundle, batch_size: int = 8, repeats:
     for _ in range(repeats):
         start = time.perf_counter()
         backend.denoise(x, t, y)
-        if backend.device.startswith("cuda"):
+        if backend.tensor_device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return float(np.median(times))

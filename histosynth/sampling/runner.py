@@ -303,7 +303,7 @@ def _batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
 def generate_batch(backend, schedule: NoiseSchedule, items: list[Item], latent_shape: tuple[int, ...],
                    null_id: int, on_step: Optional[Callable[[int], None]] = None):
     """Sample and decode one batch of items with the same sampler; returns uint8 (N, H, W, 3)."""
-    device = torch.device(backend.device)
+    device = torch.device(backend.tensor_device)  # the CPU when ONNX Runtime runs CUDA for a CPU build of torch
     noise = ImageNoise(items, latent_shape, device)
     x_T = noise.draw()
     class_ids = torch.tensor([it.class_id for it in items], dtype=torch.long, device=device)
