@@ -228,3 +228,12 @@ def test_diffusion_stops_on_time(monkeypatch, tmp_path: Path) -> None:
     result = T.train_ldm(cfg, tmp_path / "ldm", progress=False)
     assert result.steps == 1 and result.unet.is_file()
     assert (tmp_path / "ldm" / "checkpoints" / "step-00000001.safetensors").is_file()
+
+
+def test_tile_stats_stay_exact_over_millions_of_pixels() -> None:
+    # 3,000 tiles = 27.6 M pixels: a float32 running sum stalls long before that (R and B came out equal).
+    images = np.empty((3000, 96, 96, 3), dtype=np.uint8)
+    images[...] = (200, 100, 150)
+    s = tile_stats(images)
+    assert s.mean_rgb == pytest.approx((200.0, 100.0, 150.0), abs=1e-6)
+    assert s.flat_fraction == 1.0

@@ -51,22 +51,24 @@ def tile_stats(images: np.ndarray) -> TileStats:
         raise ValueError(f"tile_stats: expected uint8 tiles (N, H, W, 3) with N >= 1, got {images.shape}")
     x = images.astype(np.float32)
     grey = _grey(images)
-    per_tile_std = grey.reshape(len(images), -1).std(axis=1)
+    # float64 accumulators throughout: a float32 sum over millions of pixels stalls (at 4e9 its spacing is 256)
+    per_tile_std = grey.reshape(len(images), -1).std(axis=1, dtype=np.float64)
     mx, mn = x.max(axis=-1), x.min(axis=-1)
     saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
     od = -np.log(np.clip(x, 1.0, 255.0) / 255.0)  # (N, H, W, 3) optical density
     tissue = od.sum(axis=-1) > 0.3  # background glass has almost no optical density
     conc = od.reshape(-1, 3) @ np.linalg.pinv(_HE)  # (P, 2) stain concentrations (least squares)
     conc = np.clip(conc[tissue.reshape(-1)], 0.0, None)  # negative concentrations are fitting residue
-    h_od = float(conc[:, 0].mean()) if len(conc) else 0.0
-    e_od = float(conc[:, 1].mean()) if len(conc) else 0.0
-    edges = (np.abs(np.diff(grey, axis=1)).mean() + np.abs(np.diff(grey, axis=2)).mean()) / 2
+    h_od = float(conc[:, 0].mean(dtype=np.float64)) if len(conc) else 0.0
+    e_od = float(conc[:, 1].mean(dtype=np.float64)) if len(conc) else 0.0
+    edges = (np.abs(np.diff(grey, axis=1)).mean(dtype=np.float64)
+             + np.abs(np.diff(grey, axis=2)).mean(dtype=np.float64)) / 2
     return TileStats(
         n=len(images),
-        mean_rgb=tuple(float(v) for v in x.reshape(-1, 3).mean(axis=0)),  # type: ignore[arg-type]
+        mean_rgb=tuple(float(v) for v in x.reshape(-1, 3).mean(axis=0, dtype=np.float64)),  # type: ignore[arg-type]
         grey_std=float(per_tile_std.mean()),
         flat_fraction=float((per_tile_std < FLAT_STD).mean()),
-        saturation=float(saturation.mean()),
+        saturation=float(saturation.mean(dtype=np.float64)),
         haematoxylin_od=h_od,
         eosin_od=e_od,
         edge_energy=float(edges),
