@@ -1,4 +1,4 @@
-"""`histosynth evaluate fid|recon|control|downstream|report`: numbers and pictures about a model's tiles.
+"""`histosynth evaluate fid|recon|control|downstream|memorization|report`: numbers and pictures about a model's tiles.
 
 Each command prints a table and, with ``--json PATH``, writes its results with the stable keys documented in
 docs/evaluation.md.
@@ -276,6 +276,72 @@ def _ci(s: dict[str, Any], scale: float = 1.0, signed: bool = False) -> str:
     f = "{:+.3g}" if signed else "{:.3g}"
     text = f.format(s["mean"] * scale)
     return text + (f" [{f.format(s['ci95'][0] * scale)}, {f.format(s['ci95'][1] * scale)}]" if s["ci95"] else "")
+
+
+@evaluate_app.command("memorization")
+@handle_errors
+def memorization_command(
+    train: Path = typer.Option(..., "--train", help="Training tiles: a folder (searched recursively) or a latent cache folder (its index.csv)."),
+    generated: Path = typer.Option(..., "--generated", help="Folder of generated tiles (searched recursively)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Real tiles the model never saw, to calibrate the threshold (default: hold out --reference-fraction of --train)."),
+    reference_fraction: float = typer.Option(0.1, "--reference-fraction", min=0.0, max=1.0, help="Share of --train held out as the reference when --reference is not given."),
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Nearest candidates per tile confirmed by SSIM."),
+    percentile: float = typer.Option(1.0, "--percentile", min=0.0, max=50.0, help="Copy threshold: this percentile of the reference tiles' distances."),
+    feature_size: int = typer.Option(16, "--feature-size", min=4, max=64, help="Side, in pixels, of the grey search feature."),
+    pairs: int = typer.Option(24, "--pairs", min=1, help="Closest pairs kept in the JSON and drawn on the contact sheet."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Threads decoding images."),
+    seed: int = typer.Option(0, help="Seed of the held-out split and of the real subset for alpha-precision/beta-recall."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Write a contact sheet of the closest pairs (PNG) here."),
+    json_path: Optional[Path] = JsonOption,
+) -> None:
+    """Did the model copy training tiles? Nearest training tiles, confirmed by SSIM, against a real-data threshold."""
+    from rich.progress import TimeElapsedColumn
+
+    from histosynth.cli.common import file_in_the_way
+    from histosynth.evaluate.memorization import MemorizationConfig, contact_sheet, evaluate_memorization
+
+    for option, target in (("--png", png), ("--json", json_path)):
+        if target is not None and (target.is_dir() or file_in_the_way(target.parent) is not None):
+            raise InputError(f"{option} {target}: is a folder or lies under a file; give a file path")
+    config = MemorizationConfig(feature_size=feature_size, top_k=top_k, percentile=percentile, pairs=pairs,
+                                reference_fraction=reference_fraction, workers=workers, seed=seed)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[rate]}"),
+                   console=err_console, transient=True)
+    with bar:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, rate="")
+            elapsed = next(t for t in bar.tasks if t.id == tasks[stage]).elapsed or 0.0
+            bar.update(tasks[stage], completed=done, total=total,
+                       rate=f"{done / elapsed:,.0f} tiles/s" if elapsed > 0 and done else "")
+
+        result = evaluate_memorization(train, generated, reference, config, progress=report)
+    d = result.to_json()
+    table = Table(title=f"memorization: {d['n']} generated tiles against {d['n_train']} training tiles")
+    for col in ("threshold", "SSIM bar", "below threshold", "flagged", "alpha-precision", "beta-recall", "authenticity"):
+        table.add_column(col, justify="right")
+    table.add_row(_fmt(d["threshold"], 3), _fmt(d["ssim_threshold"], 3),
+                  f"{d['n_below_threshold']} ({d['fraction_below_threshold']:.2%})",
+                  f"{len(d['flagged'])} ({d['fraction_flagged']:.2%})", _fmt(d["alpha_precision"], 3),
+                  _fmt(d["beta_recall"], 3), _fmt(d["authenticity"], 3))
+    console.print(table)
+    console.print(f"calibrated on {d['n_reference']} reference tiles ({d['reference_source']}): threshold = "
+                  f"percentile {d['percentile']:g} of their distances, SSIM bar = percentile {d['ssim_percentile']:g} "
+                  f"of the SSIMs of the {d['n_reference_near']} nearest; near-flat tiles left out: {d['n_flat']} "
+                  f"generated, {d['n_train_flat']} training", highlight=False)
+    for m in d["flagged"][:10]:
+        console.print(f"copy: {m['file']} ~ {m['nearest']} ({m['view']}, distance {m['distance']:.3f}, "
+                      f"SSIM {m['ssim']:.3f})", highlight=False)
+    if len(d["flagged"]) > 10:
+        console.print(f"... and {len(d['flagged']) - 10} more (all in --json)")
+    for w in d["warnings"]:
+        err_console.print(f"[bold yellow]warning:[/] {w}", highlight=False)
+    if png is not None and result.closest:
+        console.print(f"contact sheet: {contact_sheet(result.closest, png)}")
+    _write_json(json_path, d)
 
 
 @evaluate_app.command("report")
