@@ -242,7 +242,8 @@ def test_cli_writes_json_and_contact_sheet(planted: dict, tmp_path: Path) -> Non
 @pytest.mark.parametrize("which", ["--train", "--generated", "--reference"])
 def test_cli_missing_folder_is_exit_2(planted: dict, tmp_path: Path, which: str) -> None:
     root = planted["root"]
-    args = {"--train": str(root / "train"), "--generated": str(root / "generated"), "--reference": str(root / "reference")}
+    args = {"--train": str(root / "train"), "--generated": str(root / "generated"),
+            "--reference": str(root / "reference")}
     args[which] = str(tmp_path / "nowhere")
     result = runner.invoke(app, ["evaluate", "memorization", *[x for kv in args.items() for x in kv]])
     assert result.exit_code == 2
