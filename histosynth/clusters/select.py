@@ -365,8 +365,10 @@ def write_cluster_outputs(out_dir: Path, search: ClusterSearch, tiles: Sequence[
         if members.any():
             distance[members] = np.linalg.norm(xn[members] - xn[members].mean(axis=0), axis=1)
     write_csv(out_dir / "assignments.csv", ["tile", "cluster", "probability", "distance"],
-              ([tile, int(c), f"{float(p):.6f}", f"{float(d):.6f}"] for tile, c, p, d in zip(tiles, labels, prob, distance)))
-    write_csv(out_dir / "validity.csv", TABLE_COLUMNS, ([_fmt(row.get(c)) for c in TABLE_COLUMNS] for row in search.table))
+              ([tile, int(c), f"{float(p):.6f}", f"{float(d):.6f}"]
+               for tile, c, p, d in zip(tiles, labels, prob, distance)))
+    write_csv(out_dir / "validity.csv", TABLE_COLUMNS,
+              ([_fmt(row.get(c)) for c in TABLE_COLUMNS] for row in search.table))
     c = search.choice
     choice = {"k": k, "method": method, "rule": c.rule, "votes": c.votes, "monotone": c.monotone,
               "warnings": c.warnings}
