@@ -131,14 +131,14 @@ def _split_map(tmp_path: Path) -> Path:
 
 
 def test_joint_imc_cluster_table_refuses_a_split(tmp_path: Path) -> None:
-    from histosynth.diffusion.train import _cluster_map, load_ldm_config
+    from histosynth.diffusion.data import cluster_to_class
 
     path = _split_map(tmp_path)
     with pytest.raises(InputError, match=r"clusters\.0: the cluster is split into a_0, a_1; joint IMC cannot"):
-        _cluster_map(load_ldm_config({"latents": "x", "label_map": str(path)}), 3, ["a_0", "a_1", "b"])
+        cluster_to_class(path, 3, ["a_0", "a_1", "b"])
     write_label_map(LabelMap([LabelClass(0, "a", [0, 2]), LabelClass(1, "b", [1])], {0: 0, 1: 1, 2: 0, 3: None}),
                     path)
-    table = _cluster_map(load_ldm_config({"latents": "x", "label_map": str(path)}), 4, ["a", "b"])
+    table = cluster_to_class(path, 4, ["a", "b"])
     assert table.tolist() == [0, 1, 0, -1]
 
 

@@ -109,6 +109,24 @@ def test_resume_equals_uninterrupted(cache, tmp_path):
     assert again.resumed_from == 20 and again.steps == 20
 
 
+def test_resume_equals_uninterrupted_with_a_vqgan_for_the_grids(cache, tmp_path):
+    # Building the VQ-GAN decoder draws random initial weights; it must not shift the training stream that
+    # a resumed run restores from its checkpoint.
+    from histosynth.autoencoder.vqgan import VQGAN, VQGANConfig
+    from histosynth.runtime.weights import save_export
+
+    vqgan = save_export(VQGAN(VQGANConfig(base_channels=8, num_res_blocks=1, codebook_size=16, norm_groups=4)),
+                        tmp_path / "vqgan.safetensors", {"base_channels": 8, "num_res_blocks": 1, "codebook_size": 16,
+                                                         "norm_groups": 4}, {"kind": "vqgan"})
+    cfg = dict(vqgan=vqgan, sample_count=2, check_samples=0)
+    full = T.train_ldm(_config(steps=12, **cfg), tmp_path / "full", progress=False)
+    T.train_ldm(_config(steps=6, **cfg), tmp_path / "split", progress=False)
+    second = T.train_ldm(_config(steps=12, **cfg), tmp_path / "split", progress=False)
+    assert second.resumed_from == 6 and (tmp_path / "split" / T.SAMPLES_DIR / "step-00000012.png").is_file()
+    a, b = load_checkpoint(full.unet).state_dict, load_checkpoint(second.unet).state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _record_class_ids(monkeypatch) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     forward = UNet.forward

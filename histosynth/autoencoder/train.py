@@ -45,7 +45,7 @@ from histosynth.runtime.batches import resumable_batches
 from histosynth.runtime.ema import EMA, ema_as_module
 from histosynth.runtime.seeding import seed_everything
 from histosynth.runtime.tracking import MetricsLogger, TrainProgress
-from histosynth.runtime.weights import load_checkpoint, load_state_dict, save_export
+from histosynth.runtime.weights import load_checkpoint, load_state_dict, read_checkpoint_metadata, save_export
 from histosynth.tiles.dataset import SizePolicy, open_tiles
 
 EXPORT_NAME = "vqgan.safetensors"
@@ -351,22 +351,147 @@ def train_vqgan(config: VQGANTrainConfig, run_dir: str | Path, *, resume: bool =
     `resume=False` a folder that already has checkpoints is refused rather than overwritten.
     """
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     info = dist.init_distributed(config.device)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _train(config, run_dir, ckpt_dir, info, resume, show_progress)
+        return _train(config, run_dir, info, resume, show_progress)
     finally:
         torch.set_num_threads(threads)  # the caller's setting (tests, the pipeline) is theirs
         dist.cleanup()
 
 
-def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.DistInfo, resume: bool,
-           show_progress: bool) -> VQGANTrainResult:
+# --------------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class _Run:
+    """One VQ-GAN run: its data, networks, optimizers and state (built by `_setup`)."""
+
+    config: VQGANTrainConfig
+    info: dist.DistInfo
+    run_dir: Path
+    train_set: Dataset
+    val_set: Dataset
+    loader: DataLoader
+    sampler: dist.ResumableSampler
+    model: VQGAN  # the autoencoder (fp32); `net` is what the step calls
+    disc: torch.nn.Module
+    net: Autocast  # the trained part (whole model, or the decoder alone) in DDP, under autocast
+    ddp_disc: Autocast  # the discriminator in DDP (its own step)
+    plain_disc: Autocast  # the discriminator outside DDP (it only passes gradients to the reconstructions)
+    loss_fn: VQGANLoss
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    ema: EMA | None
+    modules: dict[str, torch.nn.Module]  # what a resume checkpoint holds
+    state: TrainState
+    resumed_from: int | None
+    prior_samples: int  # tiles seen by earlier rounds (init_from's export records them)
+    logger: MetricsLogger
+    sample_images: torch.Tensor  # fixed held-out tiles of the sample grids
+    meta: dict[str, Any]  # what a resume checkpoint records about the run
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def decoder_only(self) -> bool:
+        return self.config.train_parts == "decoder"
+
+    @property
+    def export_path(self) -> Path:
+        return self.run_dir / EXPORT_NAME
+
+    @property
+    def codebook_init_step(self) -> int:
+        # A fine-tuned codebook is already data-initialised; a frozen one must not be touched at all.
+        return -1 if self.config.init_from is not None else self.config.codebook_init_step
+
+    @property
+    def dead_code_every(self) -> int:
+        return 0 if self.decoder_only else self.config.dead_code_every
+
+    def eval_model(self) -> VQGAN:
+        """The model validation, samples and the export use: the EMA weights when configured."""
+        return self.ema.averaged(self.model) if self.ema is not None else self.model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """(reconstructions, quantizer output, the targets they reconstruct), on crops when configured."""
+        config, model = self.config, self.model
+        f = config.model.downsample_factor
+        crop = config.crop_size is not None and config.crop_size < images.shape[-1]
+        if self.decoder_only:
+            with torch.no_grad():
+                # The frozen encoder only picks codes: bf16 moves a few latents across a code boundary, which
+                # the decoder sees as harmless noise, and costs a third of the fp32 forward (train_speed.py).
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.autocast == "bf16"):
+                    latents = model.encode(images.contiguous(memory_format=torch.channels_last)
+                                           if config.channels_last else images)
+                quant = model.quantize(latents.float())
+            codes = quant.quantized.detach()
+            if crop:
+                codes, images = random_crop_pair(codes, images, config.crop_size, f)
+            if config.channels_last:
+                codes = codes.contiguous(memory_format=torch.channels_last)
+            return self.net(codes), quant, images
+        if crop:
+            _, images = random_crop_pair(images[:, :, ::f, ::f], images, config.crop_size, f)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        recon, quant = self.net(images)
+        return recon, quant, images
+
+    def validate(self) -> dict[str, float]:
+        """Reconstruction metrics of the held-out tiles (rank 0 computes and logs them)."""
+        metrics: dict[str, float] = {}
+        if self.info.is_main:
+            metrics = evaluate_reconstruction(self.eval_model(), self.val_set, self.device,
+                                              batch_size=self.config.batch_size)
+            self.logger.log(self.state.step, metrics, split="val")
+        dist.barrier()
+        return metrics
+
+    def samples(self) -> None:
+        """The sample grid of this step (rank 0)."""
+        if self.info.is_main:
+            m = self.eval_model()
+            m.eval()
+            with torch.no_grad():
+                recon = m.decode(m.encode(self.sample_images.to(self.device)))
+            m.train()
+            save_sample_grid(self.sample_images, recon, self.run_dir / "samples" / f"step-{self.state.step:08d}.png")
+        dist.barrier()
+
+    def export(self, val_metrics: dict[str, float] | None = None) -> None:
+        """vqgan.safetensors: the (EMA) weights with the facts `export` and the model card read (rank 0)."""
+        config = self.config
+        extra = {"kind": "vqgan", "tile_size": config.tile_size, "data": str(config.data), "step": self.state.step,
+                 "samples_seen": self.prior_samples + self.state.step * config.batch_size * self.info.world_size,
+                 **({"val": val_metrics} if val_metrics else {})}
+        save_export(self.eval_model(), self.export_path, to_dict(config.model), extra, dtype=config.export_dtype)
+
+    def checkpoint(self, val_metrics: dict[str, float] | None) -> None:
+        """A resume checkpoint and the export of this step."""
+        save_resume_checkpoint(self.run_dir / "checkpoints", self.state, self.modules,
+                               {"vqgan": self.opt_g, "discriminator": self.opt_d},
+                               extra_tensors={"usage_ema": self.model.quantizer.usage_ema}, meta=self.meta,
+                               keep=self.config.keep_checkpoints)
+        self.export(val_metrics)
+
+
+def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume: bool,
+           show_progress: bool) -> _Run:
+    """Open the data, build the networks and optimizers, and resume from the newest checkpoint if any.
+
+    The order matters for reproducibility: everything that draws random numbers (the split, initial weights)
+    runs after seeding and before the RNG states are restored from a checkpoint.
+    """
     device = info.device
-    latest = latest_checkpoint(ckpt_dir)
+    latest = latest_checkpoint(run_dir / "checkpoints")
     if latest is not None and not resume:
         raise InputError(f"{run_dir}: already holds checkpoints ({latest.name}); pass --resume to continue "
                          "or choose a new --run-dir")
@@ -388,11 +513,10 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
                         generator=torch.Generator().manual_seed(config.seed),
                         persistent_workers=config.num_workers > 0)
 
+    # ---- networks, loss, optimizers
     model = VQGAN(config.model).to(device)
-    prior_samples = 0  # tiles seen by earlier rounds (init_from's export records them)
+    prior_samples = 0
     if config.init_from is not None:
-        from histosynth.runtime.weights import read_checkpoint_metadata
-
         prior_samples = int(read_checkpoint_metadata(config.init_from)[1].get("samples_seen", 0) or 0)
         init = load_vqgan(config.init_from)
         if to_dict(init.config) != to_dict(config.model):
@@ -418,12 +542,12 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
         modules["ema"] = ema_as_module(ema)
     if loss_fn.lecam is not None:
         modules["lecam"] = loss_fn.lecam
-    optimizers = {"vqgan": opt_g, "discriminator": opt_d}
 
+    # ---- resume
     state = TrainState()
     resumed_from = None
     if latest is not None:
-        ckpt = load_resume_checkpoint(latest, modules, optimizers)
+        ckpt = load_resume_checkpoint(latest, modules, {"vqgan": opt_g, "discriminator": opt_d})
         state = ckpt.state
         resumed_from = state.step
         if "usage_ema" in ckpt.extra_tensors:
@@ -435,192 +559,163 @@ def _train(config: VQGANTrainConfig, run_dir: Path, ckpt_dir: Path, info: dist.D
             state.epoch, state.epoch_position = state.epoch + 1, 0
 
     bf16 = config.autocast == "bf16"
-    ddp_model = Autocast(dist.wrap_ddp(model.decoder if decoder_only else model, info), bf16, device.type)
+    net = Autocast(dist.wrap_ddp(model.decoder if decoder_only else model, info), bf16, device.type)
     ddp_disc = Autocast(dist.wrap_ddp(disc, info), bf16, device.type)
     plain_disc = Autocast(disc, bf16, device.type)
-    f = config.model.downsample_factor
-    # A fine-tuned codebook is already data-initialised; a frozen one must not be touched at all.
-    codebook_init_step = -1 if config.init_from is not None else config.codebook_init_step
-    dead_code_every = 0 if decoder_only else config.dead_code_every
-
-    def forward(images: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """(reconstructions, quantizer output, the targets they reconstruct), on crops when configured."""
-        if decoder_only:
-            with torch.no_grad():
-                # The frozen encoder only picks codes: bf16 moves a few latents across a code boundary, which
-                # the decoder sees as harmless noise, and costs a third of the fp32 forward (train_speed.py).
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    latents = model.encode(images.contiguous(memory_format=torch.channels_last)
-                                           if config.channels_last else images)
-                quant = model.quantize(latents.float())
-            codes = quant.quantized.detach()
-            if config.crop_size is not None and config.crop_size < images.shape[-1]:
-                codes, images = random_crop_pair(codes, images, config.crop_size, f)
-            if config.channels_last:
-                codes = codes.contiguous(memory_format=torch.channels_last)
-            return ddp_model(codes), quant, images
-        if config.crop_size is not None and config.crop_size < images.shape[-1]:
-            _, images = random_crop_pair(images[:, :, ::f, ::f], images, config.crop_size, f)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        recon, quant = ddp_model(images)
-        return recon, quant, images
 
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     logger = MetricsLogger(run_dir / "metrics.jsonl", resume_step=resumed_from)
     if resumed_from is None:
         logger.log(0, {"train_tiles": len(train_set), "val_tiles": len(val_set), "world_size": info.world_size,
                        "parameters": sum(p.numel() for p in model.parameters()),
                        "data": "\n".join(reports)}, split="info")
-
     sample_images = torch.stack([val_set[i] for i in range(min(config.sample_count, len(val_set)))])
     meta = {"config": to_dict(config), "train_tiles": len(train_set), "val_tiles": len(val_set)}
-    export_path = run_dir / EXPORT_NAME
-    export_extra = {"kind": "vqgan", "tile_size": config.tile_size, "data": str(config.data)}
+    return _Run(config=config, info=info, run_dir=run_dir, train_set=train_set, val_set=val_set, loader=loader,
+                sampler=sampler, model=model, disc=disc, net=net, ddp_disc=ddp_disc, plain_disc=plain_disc,
+                loss_fn=loss_fn, opt_g=opt_g, opt_d=opt_d, ema=ema, modules=modules, state=state,
+                resumed_from=resumed_from, prior_samples=prior_samples, logger=logger,
+                sample_images=sample_images, meta=meta)
 
-    def eval_model() -> VQGAN:
-        return ema.averaged(model) if ema is not None else model
 
-    def checkpoint(val_metrics: dict[str, float] | None) -> None:
-        save_resume_checkpoint(ckpt_dir, state, modules, optimizers,
-                               extra_tensors={"usage_ema": model.quantizer.usage_ema}, meta=meta,
-                               keep=config.keep_checkpoints)
-        extra = {**export_extra, "step": state.step,
-                 "samples_seen": prior_samples + state.step * config.batch_size * info.world_size,
-                 **({"val": val_metrics} if val_metrics else {})}
-        save_export(eval_model(), export_path, to_dict(config.model), extra, dtype=config.export_dtype)
+# --------------------------------------------------------------------------------------------------
+# The loop
 
-    def validate() -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if info.is_main:
-            metrics = evaluate_reconstruction(eval_model(), val_set, device, batch_size=config.batch_size)
-            logger.log(state.step, metrics, split="val")
-        dist.barrier()
-        return metrics
 
-    def samples() -> None:
-        if info.is_main:
-            m = eval_model()
-            m.eval()
-            with torch.no_grad():
-                recon = m.decode(m.encode(sample_images.to(device)))
-            m.train()
-            save_sample_grid(sample_images, recon, run_dir / "samples" / f"step-{state.step:08d}.png")
-        dist.barrier()
+def _train_step(run: _Run, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One step of the autoencoder, then of the discriminator; returns the logs and the (cropped) targets."""
+    config, step = run.config, run.state.step
+    images = images.to(run.device, non_blocking=True)
+    if config.augment:
+        images = random_dihedral_batch(images)
 
-    window: dict[str, tuple[float, int]] = {}
-    window_steps = 0
-    window_start = time.perf_counter()
+    # Autoencoder step (discriminator frozen; it only passes gradients to the reconstructions).
+    disc_on = step >= config.disc_start
+    gan_step = step - config.disc_start - config.disc_warmup  # steps since the GAN terms began
+    gan_scale = min(1.0, (gan_step + 1) / config.gan_ramp) if config.gan_ramp else 1.0
+    gan_on = gan_step >= 0
+    run.disc.requires_grad_(False)
+    recon, quant, images = run.forward(images)
+    g_loss, logs = run.loss_fn.generator_loss(images, recon, quant, run.plain_disc if gan_on else None,
+                                              run.model.decoder_last_layer, gan_scale=gan_scale)
+    if gan_on:
+        logs["gan_scale"] = torch.tensor(gan_scale)
+    if not torch.isfinite(g_loss):
+        raise RunError(f"step {step}: the autoencoder loss is {g_loss.item()}; lower lr or check data")
+    run.opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    if config.grad_clip is not None:
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip).detach()
+    run.opt_g.step()
+    run.disc.requires_grad_(True)
+
+    # Discriminator step (hinge loss, optional LeCam), from disc_start.
+    if disc_on:
+        d_loss, d_logs = run.loss_fn.discriminator_loss(images, recon, run.ddp_disc)
+        run.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        run.opt_d.step()
+        logs.update(d_logs)
+    if run.ema is not None:
+        run.ema.update(run.model)
+    logs["perplexity"] = quant.perplexity.detach()
+    logs["batch_usage"] = quant.usage.detach()
+    return logs, images
+
+
+def _codebook_upkeep(run: _Run, images: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
+    """At the step just finished: initialise the codebook from data, or revive dead codes."""
+    step = run.state.step
+    if step == run.codebook_init_step:
+        # Data-dependent codebook init: the default +-1/K codes lie far from the encoder's outputs, so
+        # only a handful get picked (measured: perplexity ~5 of 1024 codes after 250 steps without it).
+        run.model.quantizer.usage_ema.zero_()
+    elif not (run.dead_code_every and step % run.dead_code_every == 0):
+        return
+    logs["dead_codes_reset"] = torch.tensor(float(_reset_dead_codes(run.model, images, run.config, step, run.opt_g)))
+
+
+class _Window:
+    """Train logs summed over the steps since the last record."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, tuple[float, int]] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for k, v in logs.items():
+            total, count = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (total + float(v), count + 1)
+        self.steps += 1
+
+    def record(self, run: _Run, epoch: int) -> dict[str, float]:
+        """The record of the window: each term averaged over the steps that had it (GAN terms start
+        mid-window), then over ranks; codebook use, throughput, epoch and lr."""
+        elapsed = time.perf_counter() - self.started
+        means = {k: float(dist.all_reduce_mean(t / c)) for k, (t, c) in sorted(self.sums.items())}
+        if "dead_codes_reset" in means:  # a count, not a rate: the sum over the window
+            means["dead_codes_reset"] = self.sums["dead_codes_reset"][0]
+        means["codebook_usage"] = float((run.model.quantizer.usage_ema >= run.config.dead_code_threshold)
+                                        .float().mean())
+        means["tiles_per_s"] = self.steps * run.config.batch_size * run.info.world_size / max(elapsed, 1e-9)
+        means["epoch"] = epoch
+        means["lr"] = run.opt_g.param_groups[0]["lr"]
+        return means
+
+
+def _train(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume: bool,
+           show_progress: bool) -> VQGANTrainResult:
+    run = _setup(config, run_dir, info, resume, show_progress)
+    state = run.state
+    window = _Window()
     started = time.perf_counter()
     start_step = state.step
     val_metrics: dict[str, float] = {}
-
-    stream = resumable_batches(loader, sampler, state.epoch, state.epoch_position)
+    stream = resumable_batches(run.loader, run.sampler, state.epoch, state.epoch_position)
     with TrainProgress(config.steps, state.step, "train vqgan", enabled=show_progress,
                        log_file=run_dir / "train.log" if info.is_main else None) as bar:
         while state.step < config.steps:
             epoch, position, images = next(stream)
-            images = images.to(device, non_blocking=True)
-            if config.augment:
-                images = random_dihedral_batch(images)
-
-            # Autoencoder step (discriminator frozen; it only passes gradients to the reconstructions).
-            disc_on = state.step >= config.disc_start
-            gan_step = state.step - config.disc_start - config.disc_warmup  # steps since the GAN terms began
-            gan_scale = min(1.0, (gan_step + 1) / config.gan_ramp) if config.gan_ramp else 1.0
-            gan_on = gan_step >= 0
-            disc.requires_grad_(False)
-            recon, quant, images = forward(images)
-            g_loss, logs = loss_fn.generator_loss(images, recon, quant, plain_disc if gan_on else None,
-                                                  model.decoder_last_layer, gan_scale=gan_scale)
-            if gan_on:
-                logs["gan_scale"] = torch.tensor(gan_scale)
-            if not torch.isfinite(g_loss):
-                raise RunError(f"step {state.step}: the autoencoder loss is {g_loss.item()}; lower lr or check data")
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            if config.grad_clip is not None:
-                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).detach()
-            opt_g.step()
-            disc.requires_grad_(True)
-
-            # Discriminator step (hinge loss, optional LeCam), from disc_start.
-            if disc_on:
-                d_loss, d_logs = loss_fn.discriminator_loss(images, recon, ddp_disc)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-                logs.update(d_logs)
-            if ema is not None:
-                ema.update(model)
-
+            logs, images = _train_step(run, images)
             state.step += 1
             state.epoch, state.epoch_position = epoch, position
-            logs["perplexity"] = quant.perplexity.detach()
-            logs["batch_usage"] = quant.usage.detach()
-            if state.step == codebook_init_step:
-                # Data-dependent codebook init: the default +-1/K codes lie far from the encoder's outputs, so
-                # only a handful get picked (measured: perplexity ~5 of 1024 codes after 250 steps without it).
-                model.quantizer.usage_ema.zero_()
-                logs["dead_codes_reset"] = torch.tensor(
-                    float(_reset_dead_codes(model, images, config, state.step, opt_g)))
-            elif dead_code_every and state.step % dead_code_every == 0:
-                logs["dead_codes_reset"] = torch.tensor(
-                    float(_reset_dead_codes(model, images, config, state.step, opt_g)))
-            for k, v in logs.items():
-                total, count = window.get(k, (0.0, 0))
-                window[k] = (total + float(v), count + 1)
-            window_steps += 1
+            _codebook_upkeep(run, images, logs)
 
+            window.add(logs)
             if state.step % config.log_every == 0 or state.step == config.steps:
-                elapsed = time.perf_counter() - window_start
-                # Each term averaged over the steps that had it (GAN terms start mid-window), then over ranks.
-                means = {k: float(dist.all_reduce_mean(t / c)) for k, (t, c) in sorted(window.items())}
-                if "dead_codes_reset" in means:  # a count, not a rate: the sum over the window
-                    means["dead_codes_reset"] = window["dead_codes_reset"][0]
-                means["codebook_usage"] = float((model.quantizer.usage_ema >= config.dead_code_threshold)
-                                                .float().mean())
-                means["tiles_per_s"] = window_steps * config.batch_size * info.world_size / max(elapsed, 1e-9)
-                means["epoch"] = epoch
-                means["lr"] = opt_g.param_groups[0]["lr"]
-                logger.log(state.step, means)
+                means = window.record(run, epoch)
+                run.logger.log(state.step, means)
                 bar.update(state.step, loss=means["loss"], l1=means["l1"], ppl=means["perplexity"])
-                window, window_steps, window_start = {}, 0, time.perf_counter()
+                window = _Window()
             else:
                 bar.update(state.step)
 
             out_of_time = (config.time_limit_s is not None
-                           and bool(dist.all_reduce_mean(torch.tensor(
-                               float(time.perf_counter() - started > config.time_limit_s)))))
+                           and dist.any_rank(time.perf_counter() - started > config.time_limit_s))
             last = state.step == config.steps or out_of_time
             if state.step % config.val_every == 0 or last:
-                val_metrics = validate()
+                val_metrics = run.validate()
             if state.step % config.sample_every == 0 or last:
-                samples()
+                run.samples()
             if state.step % config.ckpt_every == 0 or last:
-                checkpoint(val_metrics if state.step % config.val_every == 0 or last else None)
+                run.checkpoint(val_metrics if state.step % config.val_every == 0 or last else None)
             if out_of_time:
                 break
 
-    if resumed_from is not None and resumed_from >= config.steps and not export_path.exists():
-        # Nothing left to train, but the export must exist (rank 0 writes it).
-        save_export(eval_model(), export_path, to_dict(config.model),
-                    {**export_extra, "step": state.step,
-                     "samples_seen": prior_samples + state.step * config.batch_size * info.world_size},
-                    dtype=config.export_dtype)
+    if run.resumed_from is not None and run.resumed_from >= config.steps and not run.export_path.exists():
+        run.export()  # nothing left to train, but the export must exist (rank 0 writes it)
     seconds = time.perf_counter() - started
-    trained = state.step - start_step
     return VQGANTrainResult(
         run_dir=run_dir,
-        export_path=export_path,
+        export_path=run.export_path,
         step=state.step,
-        resumed_from=resumed_from,
+        resumed_from=run.resumed_from,
         val_metrics=val_metrics,
-        train_tiles=len(train_set),
-        val_tiles=len(val_set),
+        train_tiles=len(run.train_set),
+        val_tiles=len(run.val_set),
         seconds=seconds,
-        tiles_per_second=trained * config.batch_size * info.world_size / max(seconds, 1e-9),
-        model=model,
+        tiles_per_second=(state.step - start_step) * config.batch_size * info.world_size / max(seconds, 1e-9),
+        model=run.model,
     )

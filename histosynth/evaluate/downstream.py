@@ -311,7 +311,7 @@ def train_classifier(
 ) -> SmallResNet:
     """Train `SmallResNet` for ``config.steps`` steps on images ``x`` (uint8, or float in [-1, 1]) and label
     indices ``y``, each tile under a random flip / 90-degree turn."""
-    from histosynth.diffusion.train import dihedral_augment
+    from histosynth.imageops import random_dihedral
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # weight init: the arms of one seed start from the same weights
@@ -328,7 +328,7 @@ def train_classifier(
             order = torch.randperm(len(x), generator=generator)
         idx = order[(step % per_epoch) * batch: (step % per_epoch + 1) * batch]
         # Tissue has no orientation: the dihedral group is a free, label-preserving augmentation.
-        xb = _to_float(dihedral_augment(x[idx], generator)).contiguous(memory_format=torch.channels_last)
+        xb = _to_float(random_dihedral(x[idx], generator)).contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(model(xb), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -137,6 +137,11 @@ def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor:
     return all_reduce_sum(t) / get_world_size()
 
 
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any rank, so every rank takes the same branch (a collective when distributed)."""
+    return bool(all_reduce_sum(torch.tensor(float(flag))) > 0)
+
+
 def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite `x` in place with rank `src`'s value; a no-op when single."""
     if is_distributed():
