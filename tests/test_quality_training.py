@@ -237,3 +237,11 @@ def test_tile_stats_stay_exact_over_millions_of_pixels() -> None:
     s = tile_stats(images)
     assert s.mean_rgb == pytest.approx((200.0, 100.0, 150.0), abs=1e-6)
     assert s.flat_fraction == 1.0
+
+
+def test_whole_vqgan_trains_in_bf16_on_crops(tiles: Path, tmp_path: Path) -> None:
+    # train_parts: all under autocast returns (reconstruction, QuantizerOutput): the NamedTuple must survive the
+    # fp32 hand-back (it did not, and only decoder-only runs had been tried).
+    result = train_vqgan(_config(tiles, steps=2, autocast="bf16", channels_last=True, crop_size=16, disc_start=0,
+                                 codebook_init_step=-1), tmp_path / "all", show_progress=False)
+    assert result.step == 2 and result.export_path.is_file()

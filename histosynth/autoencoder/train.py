@@ -224,6 +224,8 @@ def random_crop_pair(codes: torch.Tensor, images: torch.Tensor, crop: int, f: in
 def _to_float(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.float()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple (QuantizerOutput) takes fields
+        return type(value)(*(_to_float(v) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_to_float(v) for v in value)
     return value
