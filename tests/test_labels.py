@@ -113,11 +113,18 @@ def test_export_copies_class_labels_into_the_manifest(tmp_path: Path) -> None:
 
 def test_manifest_class_labels_old_and_bad() -> None:
     shipped = json.loads((Path(__file__).resolve().parents[1] / "weights" / "pcam96" / "manifest.json").read_text())
-    assert all("label" not in c for c in shipped["classes"])  # written before labels existed: still loads
-    assert [c.label for c in manifest_from_dict(shipped).classes] == [None, None]
-    shipped["classes"][0]["label_name"] = "tumour"
+    # The shipped bundle (round 2) is label-aware: each class stands for PCam's tumour flag.
+    assert [(c.label, c.label_name) for c in manifest_from_dict(shipped).classes] == \
+        [("0", "normal"), ("1", "tumour"), ("0", "normal"), ("1", "tumour")]
+    # A bundle written before labels existed (round 1 had none) still loads.
+    old = json.loads(json.dumps(shipped))
+    for c in old["classes"]:
+        c.pop("label", None)
+        c.pop("label_name", None)
+    assert [c.label for c in manifest_from_dict(old).classes] == [None] * 4
+    old["classes"][0]["label_name"] = "tumour"
     with pytest.raises(InputError, match=r"manifest\.classes\[0\]\.label_name: needs a label"):
-        manifest_from_dict(shipped)
+        manifest_from_dict(old)
 
 
 # ---------------------------------------------------------------------------------------------- the readers
