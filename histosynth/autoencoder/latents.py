@@ -33,7 +33,6 @@ from histosynth.autoencoder.vqgan import VQGAN
 from histosynth.errors import InputError, RunError
 from histosynth.progress import progress_bar
 from histosynth.imageops import DIHEDRAL, apply_dihedral, dihedral_name
-from histosynth.imageops import dihedral_name as transform_name  # noqa: F401 (the former name, still imported)
 from histosynth.io import write_csv, write_json
 
 LATENTS_FILE = "latents.npy"

@@ -6,7 +6,6 @@ docs/evaluation.md.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +17,7 @@ from rich.text import Text
 
 from histosynth.cli.common import console, err_console, handle_errors
 from histosynth.errors import InputError
+from histosynth.io import write_json
 from histosynth.progress import progress_bar
 
 evaluate_app = typer.Typer(help="Evaluate synthetic tiles: realism, reconstruction, controllability, utility.",
@@ -31,22 +31,10 @@ def _progress() -> Progress:
     return progress_bar("tiles", console=err_console, transient=True)
 
 
-def _finite(v: Any) -> Any:
-    """JSON has no inf/NaN: they become null (documented)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
-
-
 def _write_json(path: Optional[Path], data: dict[str, Any]) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write_json(path, data)  # inf/NaN become null (documented)
     console.print(f"results written to {path}")
 
 

@@ -35,7 +35,7 @@ from histosynth.clusters.validity import (
 )
 from histosynth.configio import require, to_dict
 from histosynth.errors import InputError, RunError
-from histosynth.io import atomic_path, json_safe, write_csv, write_json  # noqa: F401 (json_safe: benchmarks)
+from histosynth.io import atomic_path, write_csv, write_json
 
 CLUSTER_FORMAT = "histosynth-clusters/1"
 RULES = ("majority",) + ALL_INDICES + ("hartigan_threshold",)

@@ -125,10 +125,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from histosynth.autoencoder.latents import DIHEDRAL, INDEX_FILE, apply_dihedral, transform_name
+from histosynth.autoencoder.latents import INDEX_FILE
 from histosynth.configio import require
 from histosynth.errors import InputError, RunError
 from histosynth.evaluate.features import list_images, read_rgb
+from histosynth.imageops import DIHEDRAL, apply_dihedral, dihedral_name, to_uint8
 from histosynth.io import write_bytes
 from histosynth.metrics.ssim import gaussian_window
 
@@ -693,7 +694,7 @@ def evaluate_memorization(
 
     def match(r: int) -> Match:
         return Match(gen_names[gen_rows[r]], train_names[int(nearest_train[r])], float(gen_d[r]), float(gen_ssim[r]),
-                     transform_name(*DIHEDRAL[views[r]]), bool(flagged_mask[r]))
+                     dihedral_name(*DIHEDRAL[views[r]]), bool(flagged_mask[r]))
 
     warnings = []
     if len(ref_rows) < 1000:
@@ -746,10 +747,9 @@ def contact_sheet(pairs: Sequence[Match] | Sequence[dict[str, Any]], path: str |
         raise InputError("contact sheet: no pairs to draw")
     tiles = []
     for p in items:
-        view = next(i for i, (t, f) in enumerate(DIHEDRAL) if transform_name(t, f) == p.get("view", "identity"))
+        view = next(i for i, (t, f) in enumerate(DIHEDRAL) if dihedral_name(t, f) == p.get("view", "identity"))
         generated = _aligned(read_tile(p["file"]), view)
-        tiles.append((((generated + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy(),
-                      read_tile(p["nearest"])))
+        tiles.append((to_uint8(generated[None])[0], read_tile(p["nearest"])))
     side = max(t.shape[0] for pair in tiles for t in pair)
     pad, label = 6, 14
     cell_w, cell_h = 2 * side + 3 * pad, side + 2 * pad + label
