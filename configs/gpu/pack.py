@@ -3,7 +3,7 @@
     python configs/gpu/pack.py gpu-pack [--max-mib 30]
 
 The device machine sees only the working tree (at most 64 MiB with the committed weights), not `../shared`. The
-folder must be ignored by git (`echo /gpu-pack/ >> .git/info/exclude`) and named in the device call's `carry`:
+folder must be ignored by git (`/gpu-pack/` is in .gitignore) and named in the device call's `carry`:
 
     run(command="python3 configs/gpu/round.py $OUT/round --data gpu-pack --minutes 9", carry=["gpu-pack"])
 
