@@ -19,27 +19,12 @@ from histosynth.configio import from_dict
 from histosynth.errors import InputError
 from histosynth.metrics.tilestats import FLAT_STD, compare, sample_verdict, tile_stats
 from histosynth.runtime.tracking import TrainProgress, read_metrics
+from test_train_vqgan import TINY as TINY_VQGAN
 from histosynth.runtime.ema import EMA
 
-TINY = {
-    "tile_size": 32,
-    "size_policy": "crop",
-    "val_fraction": 0.25,
-    "model": {"base_channels": 8, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "codebook_size": 32,
-              "norm_groups": 4},
-    "loss": {"ms_ssim_weight": 0.0, "discriminator": {"base_channels": 8, "num_layers": 2, "norm_groups": 4}},
-    "batch_size": 4,
-    "lr": 0.002,
-    "steps": 8,
-    "disc_start": 100,
-    "log_every": 1,
-    "val_every": 8,
-    "sample_every": 8,
-    "ckpt_every": 8,
-    "seed": 3,
-    "device": "cpu",
-    "threads": 1,
-}
+# test_train_vqgan's tiny VQ-GAN on 32-px crops, with short, GAN-free defaults for these tests.
+TINY = {**TINY_VQGAN, "loss": {**TINY_VQGAN["loss"], "ms_ssim_weight": 0.0}, "steps": 8, "disc_start": 100,
+        "dead_code_every": 200, "log_every": 1}
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import numpy as np
 import scipy.linalg
 
 from histosynth.errors import InputError, RunError
+from histosynth.metrics.frechet import frechet_distance  # noqa: F401  (FID is this on Inception statistics)
 
 FID_MIN_SAMPLES = 2048
 KID_SUBSET_SIZE = 1000
@@ -44,31 +45,6 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if f.ndim != 2 or len(f) < 2:
         raise InputError(f"need at least 2 feature vectors (N, d), got shape {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
-    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2))`` between two Gaussians."""
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise InputError(f"mismatched statistics: {mu1.shape} {sigma1.shape} vs {mu2.shape} {sigma2.shape}")
-    diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all() or (np.iscomplexobj(covmean) and np.abs(covmean.imag).max() > 1e-3):
-        # A singular product (N < d, or duplicated images) has no stable square root; a small ridge on
-        # both covariances is the standard fix (pytorch-fid), changing FID by O(eps * d).
-        offset = np.eye(len(mu1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if np.abs(covmean.imag).max() > 1e-3:
-            raise RunError(
-                f"FID: the covariance product has no real square root (imaginary part "
-                f"{np.abs(covmean.imag).max():.3g}); too few or degenerate images?"
-            )
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def trace_sqrt_product(real: np.ndarray, fake: np.ndarray) -> float:

@@ -84,35 +84,6 @@ def _memorization_section(d: dict[str, Any], out_dir: Path, tag: str) -> list[st
                     d["ssim_threshold"], f"{d['n_below_threshold']} ({d['fraction_below_threshold']:.2%})",
                     f"{len(d['flagged'])} ({d['fraction_flagged']:.2%})", d["alpha_precision"], d["beta_recall"],
                     d["authenticity"]]])
-    out += [f"A generated tile is flagged when it is closer to a training tile than the {d['percentile']:g}th "
-            f"percentile of the reference tiles' distances and SSIM confirms it (at least the "
-            f"{d['ssim_percentile']:g}th percentile of theirs); {d['n_flat']} near-flat generated tiles are left out.", ""]
-    if d["flagged"]:
-        out += _table(["generated", "nearest training tile", "view", "distance", "SSIM"],
-                      [[Path(m["file"]).name, Path(m["nearest"]).name, m["view"], m["distance"], m["ssim"]]
-                       for m in d["flagged"][:20]])
-    if d.get("closest"):
-        try:
-            png = contact_sheet(d["closest"], out_dir / f"memorization-{tag}.png")
-            out += ["Closest pairs (generated left, in the matching view; training right; framed red: flagged):", "",
-                    f"![closest pairs]({png.name})", ""]
-        except RunError as e:  # the tiles moved or were deleted since the audit
-            out += [f"> the closest pairs could not be drawn: {e}", ""]
-    out += [f"> warning: {w}" for w in d.get("warnings", [])]
-    return out + [""]
-
-
-def _memorization_section(d: dict[str, Any], out_dir: Path, tag: str) -> list[str]:
-    from histosynth.errors import RunError
-    from histosynth.evaluate.memorization import contact_sheet
-
-    out = ["## Memorization: copies of training tiles", ""]
-    out += _table(["generated", "training", "reference", "threshold", "SSIM bar", "below threshold", "flagged",
-                   "alpha-precision", "beta-recall", "authenticity"],
-                  [[d["n"], d["n_train"], f"{d['n_reference']} ({d['reference_source']})", d["threshold"],
-                    d["ssim_threshold"], f"{d['n_below_threshold']} ({d['fraction_below_threshold']:.2%})",
-                    f"{len(d['flagged'])} ({d['fraction_flagged']:.2%})", d["alpha_precision"], d["beta_recall"],
-                    d["authenticity"]]])
     out += [f"A generated tile is flagged when it is closer to a training tile than percentile {d['percentile']:g} "
             f"of the reference tiles' distances and its SSIM reaches percentile {d['ssim_percentile']:g} of the "
             f"SSIMs of the {d['n_reference_near']} nearest reference tiles; {d['n_flat']} near-flat generated tiles "

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from histosynth.metrics.frechet import frechet_distance_of
+
 FLAT_STD = 10.0  # grey-level std (0..255) under which a tile counts as near-flat (blank glass, saturated blobs)
 # H&E stain vectors in optical-density space (Ruifrok & Johnston 2001), unit length: haematoxylin, eosin.
 _HE = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]], dtype=np.float64)
@@ -111,17 +113,6 @@ def colour_features(images: np.ndarray, grid: int = 4) -> np.ndarray:
     return np.concatenate([means, stds, hist, edges[:, None] * 4], axis=1)
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to feature sets ``(N, D)`` and ``(M, D)`` (as FID, other features)."""
-    from scipy import linalg
-
-    mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
-    eps = 1e-6 * np.eye(a.shape[1])  # constant features (empty histogram bins) make the covariances singular
-    s1, s2 = np.cov(a, rowvar=False) + eps, np.cov(b, rowvar=False) + eps
-    covmean = np.asarray(linalg.sqrtm(s1 @ s2)).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
 @dataclass(frozen=True)
 class Verdict:
     """What `sample_verdict` concludes about generated tiles against training tiles."""
@@ -151,8 +142,8 @@ def sample_verdict(generated: np.ndarray, training: np.ndarray) -> Verdict:
     diffs = compare(stats_g, stats_t)
     fg, ft = colour_features(generated), colour_features(training)
     half = len(ft) // 2
-    floor = frechet_distance(ft[:half], ft[half:]) if half >= 2 else 0.0
-    dist = frechet_distance(fg, ft)
+    floor = frechet_distance_of(ft[:half], ft[half:]) if half >= 2 else 0.0
+    dist = frechet_distance_of(fg, ft)
     reasons = []
     if diffs["edge_energy"] > 1.5:
         reasons.append(f"edge energy {diffs['edge_energy'] + 1:.1f}x the training tiles' (speckle)")
