@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,14 @@ from safetensors.torch import load_file
 
 from histosynth.autoencoder.losses import LeCamEMA
 from histosynth.autoencoder.train import VQGANTrainConfig, load_vqgan, random_crop_pair, train_vqgan
+from histosynth.autoencoder.vqgan import VQGAN, grow_decoder
 from histosynth.configio import from_dict
 from histosynth.errors import InputError
 from histosynth.metrics.tilestats import FLAT_STD, compare, sample_verdict, tile_stats
 from histosynth.runtime.tracking import TrainProgress, read_metrics
 from test_train_vqgan import TINY as TINY_VQGAN
 from histosynth.runtime.ema import EMA
+from histosynth.runtime.weights import read_checkpoint_metadata
 
 # test_train_vqgan's tiny VQ-GAN on 32-px crops, with short, GAN-free defaults for these tests.
 TINY = {**TINY_VQGAN, "loss": {**TINY_VQGAN["loss"], "ms_ssim_weight": 0.0}, "steps": 8, "disc_start": 100,
@@ -133,6 +136,29 @@ def test_init_from_must_match_the_model(tiles: Path, stage1: Path, tmp_path: Pat
     cfg = _config(tiles, init_from=str(stage1), model={"codebook_size": 64})
     with pytest.raises(InputError, match="another model config"):
         train_vqgan(cfg, tmp_path / "x", show_progress=False)
+
+
+def test_a_deeper_decoder_grows_from_a_trained_one(tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    # Added blocks start as the identity: before training, the grown VQ-GAN reconstructs exactly as its source.
+    init = load_vqgan(stage1)
+    grown = VQGAN(replace(init.config, decoder_res_blocks=init.config.decoder_blocks + 2)).eval()
+    assert grow_decoder(grown, init) == 2 * len(init.config.channel_mult)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(grown(images)[0], init(images)[0], atol=1e-6)
+    with pytest.raises(InputError, match="shrink"):
+        grow_decoder(VQGAN(replace(init.config, decoder_res_blocks=1)), grown)
+    with pytest.raises(InputError, match="more than decoder_res_blocks"):
+        grow_decoder(VQGAN(replace(init.config, codebook_size=2 * init.config.codebook_size, decoder_res_blocks=4)), init)
+    # ... and a decoder-only run trains it, the latent space untouched, the samples counted on from the source.
+    cfg = _config(tiles, init_from=str(stage1), train_parts="decoder", crop_size=16, steps=2,
+                  model={"decoder_res_blocks": init.config.decoder_blocks + 1})
+    result = train_vqgan(cfg, tmp_path / "deep", show_progress=False)
+    after = load_vqgan(result.export_path)
+    assert after.config.decoder_blocks == init.config.decoder_blocks + 1
+    assert torch.equal(after.quantizer.embedding.weight, init.quantizer.embedding.weight)
+    assert read_checkpoint_metadata(result.export_path)[1]["samples_seen"] > \
+        read_checkpoint_metadata(stage1)[1]["samples_seen"]
 
 
 # ---- the plain-text training log

@@ -27,7 +27,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from histosynth.autoencoder.losses import VQGANLoss, VQGANLossConfig
-from histosynth.autoencoder.vqgan import VQGAN, VQGANConfig
+from histosynth.autoencoder.vqgan import VQGAN, VQGANConfig, grow_decoder
 from histosynth.configio import load, require, to_dict
 from histosynth.errors import InputError, RunError
 from histosynth.imageops import dihedral_views, encode_image, tile_grid, to_uint8
@@ -521,10 +521,14 @@ def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume:
     if config.init_from is not None:
         prior_samples = int(read_checkpoint_metadata(config.init_from)[1].get("samples_seen", 0) or 0)
         init = load_vqgan(config.init_from)
-        if to_dict(init.config) != to_dict(config.model):
+        if to_dict(init.config) == to_dict(config.model):
+            model.load_state_dict(init.state_dict())
+        elif replace(init.config, decoder_res_blocks=None) == replace(config.model, decoder_res_blocks=None):
+            # A deeper decoder grown from a trained one: added blocks start as the identity (see grow_decoder).
+            grow_decoder(model, init)
+        else:
             raise InputError(f"vqgan_config.init_from: {config.init_from} has another model config than "
-                             "vqgan_config.model; copy its model section")
-        model.load_state_dict(init.state_dict())
+                             "vqgan_config.model; copy its model section (only decoder_res_blocks may grow)")
     decoder_only = config.train_parts == "decoder"
     if decoder_only:
         # Encoder and codebook frozen: the latents every diffusion model was trained on stay what they are.

@@ -12,7 +12,7 @@ not the codebook term ||sg[z] - e||^2.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -32,6 +32,9 @@ class VQGANConfig:
     base_channels: int = 64  # width of the first level; small enough to train on CPU at 96-128 px
     channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; len L gives f = 2**(L-1), so 3 -> f=4
     num_res_blocks: int = 2  # residual blocks per level (the decoder uses one more, as in taming/LDM)
+    # Residual blocks per decoder level; None: num_res_blocks + 1. More blocks give the decoder capacity to draw
+    # texture from the same latents (a deeper decoder can be grown from a trained one: `grow_decoder`).
+    decoder_res_blocks: int | None = None
     attention: bool = False  # self-attention in the mid block; off by default (costly at 32x32 on CPU)
     latent_channels: int = 3  # C of the (N, C, H/f, W/f) latents the diffusion model sees (LDM VQ-f4: 3)
     codebook_size: int = 1024  # number of codes K
@@ -46,6 +49,11 @@ class VQGANConfig:
         """Spatial downsampling f between images and latents."""
         return 2 ** (len(self.channel_mult) - 1)
 
+    @property
+    def decoder_blocks(self) -> int:
+        """Residual blocks per decoder level."""
+        return self.num_res_blocks + 1 if self.decoder_res_blocks is None else self.decoder_res_blocks
+
     def validate(self, path: str) -> None:
         """Cross-field checks, called by `configio.from_dict` (and by the modules' constructors)."""
         require(self.in_channels > 0, f"{path}.in_channels", "must be positive")
@@ -53,6 +61,8 @@ class VQGANConfig:
         require(len(self.channel_mult) > 0, f"{path}.channel_mult", "needs at least one level")
         require(all(m > 0 for m in self.channel_mult), f"{path}.channel_mult", "multipliers must be positive")
         require(self.num_res_blocks >= 1, f"{path}.num_res_blocks", "must be at least 1")
+        require(self.decoder_res_blocks is None or self.decoder_res_blocks >= 1, f"{path}.decoder_res_blocks",
+                f"must be at least 1 or null (num_res_blocks + 1), got {self.decoder_res_blocks}")
         require(self.latent_channels > 0, f"{path}.latent_channels", "must be positive")
         require(self.codebook_size >= 2, f"{path}.codebook_size", "must be at least 2")
         require(
@@ -187,7 +197,7 @@ class Decoder(nn.Module):
         self.levels = nn.ModuleList()
         for i in reversed(range(len(widths))):
             blocks: list[nn.Module] = []
-            for _ in range(c.num_res_blocks + 1):
+            for _ in range(c.decoder_blocks):
                 blocks.append(ResBlock(ch, widths[i], c.norm_groups, c.dropout))
                 ch = widths[i]
             if i > 0:
@@ -385,3 +395,40 @@ class VQGAN(nn.Module):
         """Images -> (reconstruction, QuantizerOutput); gradients reach the encoder straight through."""
         quant = self.quantize(self.encode(images))
         return self.decoder(quant.quantized), quant
+
+
+def grow_decoder(model: VQGAN, init: VQGAN) -> int:
+    """Load `init` into `model`, whose decoder has as many or more residual blocks per level; return the number
+    of blocks added.
+
+    Everything else must be the same architecture. The old blocks keep their place at the start of each level,
+    and each added block (placed after them, before the level's upsampling) starts with its last conv at zero,
+    so it is the identity and `model` reconstructs exactly as `init` does before training goes on (the
+    zero-initialised residual branch of Goyal et al. 2017). The encoder and codebook, and so the latent space,
+    are untouched.
+    """
+    old, new = init.config, model.config
+    if replace(old, decoder_res_blocks=None) != replace(new, decoder_res_blocks=None):
+        raise InputError("grow_decoder: the two VQ-GANs differ in more than decoder_res_blocks")
+    n_old, n_new = old.decoder_blocks, new.decoder_blocks
+    if n_new < n_old:
+        raise InputError(f"grow_decoder: cannot shrink the decoder from {n_old} to {n_new} blocks per level")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in init.state_dict().items():
+        parts = key.split(".")
+        # decoder.levels.<level>.<index>.*: the upsampling layer moves from index n_old to n_new.
+        if parts[:2] == ["decoder", "levels"] and int(parts[3]) >= n_old:
+            parts[3] = str(int(parts[3]) - n_old + n_new)
+        state[".".join(parts)] = value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise InputError(f"grow_decoder: unexpected weights {unexpected[:4]}")
+    with torch.no_grad():
+        for level in model.decoder.levels:
+            for block in list(level)[n_old:n_new]:
+                block.conv2.weight.zero_()
+                block.conv2.bias.zero_()
+    added = {f"decoder.levels.{i}.{j}" for i in range(len(model.decoder.levels)) for j in range(n_old, n_new)}
+    if not {".".join(k.split(".")[:4]) for k in missing} <= added:
+        raise InputError(f"grow_decoder: weights not found in init: {sorted(missing)[:4]}")
+    return len(added)
