@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import histosynth.diffusion.train as T
+from histosynth.configio import from_dict
 from histosynth.clusters.features import FeatureScaler, latent_features
 from histosynth.clusters.imc import IMCHead, train_imc
 from histosynth.diffusion.unet import UNet, UNetConfig
@@ -253,3 +254,20 @@ def test_two_processes_keep_identical_replicas_and_only_rank0_writes(tmp_path):
     first = load_file(str(tmp_path / "run0" / T.CHECKPOINT_DIR / "step-00000003.safetensors"))
     assert not torch.equal(first["module/unet/conv_in.weight"], a["conv_in.weight"])  # it trained
     assert [r["step"] for r in read_metrics(tmp_path / "run0" / T.LOG_FILE, "train")] == [3, 6]
+
+
+def test_threads_option_applies_during_training_and_is_restored(cache, tmp_path, monkeypatch):
+    # Two trainings on a 2-core machine with torch's default threads spin on each other's cores (issue 8 log):
+    # `threads` pins the training's intra-op threads and leaves the caller's setting as it was.
+    seen: list[int] = []
+    run = T._run
+    monkeypatch.setattr(T, "_run", lambda *a, **k: (seen.append(torch.get_num_threads()), run(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a caller's setting other than the run's
+    try:
+        T.train_ldm(_config(steps=2, threads=1, sample_count=0), tmp_path / "run", progress=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(InputError, match="threads"):
+        from_dict(T.LDMTrainConfig, {"latents": "cache", "threads": -1}, "ldm")

@@ -34,6 +34,7 @@ from histosynth.imageops import dihedral_views, encode_image, tile_grid, to_uint
 from histosynth.io import write_bytes, write_text
 from histosynth.metrics.ssim import ms_ssim, ms_ssim_scales, psnr, ssim
 from histosynth.runtime import dist
+from histosynth.runtime.devices import torch_threads
 from histosynth.runtime.checkpointing import (
     TrainState,
     latest_checkpoint,
@@ -354,13 +355,10 @@ def train_vqgan(config: VQGANTrainConfig, run_dir: str | Path, *, resume: bool =
     """
     run_dir = Path(run_dir)
     info = dist.init_distributed(config.device)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
     try:
-        return _train(config, run_dir, info, resume, show_progress)
+        with torch_threads(config.threads):  # restores the caller's setting (tests, the pipeline)
+            return _train(config, run_dir, info, resume, show_progress)
     finally:
-        torch.set_num_threads(threads)  # the caller's setting (tests, the pipeline) is theirs
         dist.cleanup()
 
 

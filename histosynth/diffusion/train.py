@@ -49,6 +49,7 @@ from histosynth.errors import InputError, RunError
 from histosynth.imageops import encode_image, random_dihedral, tile_grid, to_uint8
 from histosynth.io import write_bytes, write_json, write_text
 from histosynth.runtime import dist
+from histosynth.runtime.devices import torch_threads
 from histosynth.runtime.batches import resumable_batches
 from histosynth.runtime.checkpointing import (
     TrainState,
@@ -108,6 +109,8 @@ class LDMTrainConfig:
     # (diffusion.verdict: colour/contrast/flat statistics and a feature distance); 0 = no check; needs vqgan
     vqgan: Optional[Path] = None  # VQ-GAN checkpoint to decode sample grids; None = latents shown as RGB
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default (one per core). Set 1 when two trainings
+    # share a small machine: their threads otherwise spin on each other's cores (runtime.devices.torch_threads)
     time_limit_s: Optional[float] = None  # stop (checkpoint, export) after this many seconds, wherever `steps`
     # stands: a lent GPU or a session ends on time; rerun the same command to continue
     data: str = ""  # free-text description of the training data, recorded in the checkpoint (provenance)
@@ -135,6 +138,7 @@ class LDMTrainConfig:
         require(self.sample_steps >= 1, f"{path}.sample_steps", "must be at least 1")
         require(self.check_samples >= 0, f"{path}.check_samples", "must be >= 0 (0 = no check)")
         require(self.time_limit_s is None or self.time_limit_s > 0, f"{path}.time_limit_s", "must be > 0 or null")
+        require(self.threads >= 0, f"{path}.threads", f"must be >= 0 (0 = torch's default), got {self.threads}")
         if self.joint_imc:
             require(self.labels is None, f"{path}.labels",
                     "must be null with joint_imc (the labels come from the IMC head)")
@@ -185,7 +189,8 @@ def _train(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
         raise InputError(f"{kind}.latents: required (the latent cache folder written by `train encode`)")
     info = dist.init_distributed(config.device)
     try:
-        return _run(config, run_dir, kind, progress, info)
+        with torch_threads(config.threads):  # restores the caller's setting (tests, the pipeline)
+            return _run(config, run_dir, kind, progress, info)
     finally:
         dist.cleanup()
 
