@@ -114,6 +114,110 @@ def test_export_refuses_a_non_empty_folder_unless_it_is_a_bundle_and_overwrite(
     assert read_manifest(target).class_names == ["a", "b", "c"] and read_manifest(target).tile_size == 16
 
 
+def _with_user_files(bundle_dir: Path, target: Path) -> dict[str, bytes]:
+    """Copy `bundle_dir` to `target`, add files a user keeps beside a bundle, and list one stale bundle file."""
+    shutil.copytree(bundle_dir, target)
+    (target / "training").mkdir()
+    (target / "training" / "x.yaml").write_text("steps: 5\n")
+    (target / "eval").mkdir()
+    (target / "eval" / "y.json").write_text('{"fid": 1.0}')
+    (target / "MODEL_CARD.md").write_text("# card\n")
+    # A file the old bundle lists in its manifest (so it owns it) that the new export does not write.
+    (target / "stale.bin").write_bytes(b"old")
+    raw = json.loads((target / MANIFEST_NAME).read_text())
+    raw["files"]["stale.bin"] = sha256_file(target / "stale.bin")
+    (target / MANIFEST_NAME).write_text(json.dumps(raw))
+    return {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
+
+
+_NEW_EXPORT = dict(class_names=["a", "b", "c"], schedule_config=ScheduleConfig(), latent_scale=1.0, tile_size=16,
+                   microns_per_pixel=0.25)
+
+
+def test_overwrite_replaces_only_the_files_the_bundle_owns(bundle_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "b"
+    before = _with_user_files(bundle_dir, target)
+    old_hashes = read_manifest(target).files
+    vqgan, unet = tiny_networks(3, seed=1)  # other weights than the old bundle's, so every file changes
+    export_bundle(vqgan, unet, target, overwrite=True, **_NEW_EXPORT)
+    for name in ("training/x.yaml", "eval/y.json", "MODEL_CARD.md"):
+        assert (target / name).read_bytes() == before[name]
+    assert not (target / "stale.bin").exists()  # the old bundle's, so removed with it
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        (*REQUIRED_FILES, MANIFEST_NAME, "training", "eval", "MODEL_CARD.md"))  # no staging or backup left
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+    bundle = load_bundle(target)  # every file matches the new manifest
+    assert bundle.manifest.class_names == ["a", "b", "c"] and bundle.manifest.tile_size == 16
+    assert all(bundle.manifest.files[name] != old_hashes[name] for name in REQUIRED_FILES)
+
+
+def test_a_bundle_owns_only_plain_names_inside_its_folder(bundle_dir: Path, tmp_path: Path) -> None:
+    target = Path(shutil.copytree(bundle_dir, tmp_path / "b"))
+    raw = json.loads((target / MANIFEST_NAME).read_text())
+    raw["files"]["../outside.txt"] = "0" * 64  # a hand-edited manifest must not reach beyond the bundle
+    raw["files"]["sub/x.bin"] = "0" * 64
+    raw["files"]["extra.bin"] = "0" * 64
+    (target / MANIFEST_NAME).write_text(json.dumps(raw))
+    assert export_module.bundle_owned_files(target) == {*REQUIRED_FILES, MANIFEST_NAME, "extra.bin"}
+    (target / MANIFEST_NAME).write_text("[not json")  # damaged: still owns the fixed files, nothing more
+    assert export_module.bundle_owned_files(target) == {*REQUIRED_FILES, MANIFEST_NAME}
+
+
+def test_failed_overwrite_leaves_the_old_bundle_and_user_files_intact(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "b"
+    before = _with_user_files(bundle_dir, target)
+    vqgan, unet = tiny_networks(3, seed=1)
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
+
+    # 1. Failure while the new files are being written (the ONNX export raises).
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("onnx export exploded")
+
+    with monkeypatch.context() as m:
+        m.setattr(export_module, "_export_onnx", broken_export)
+        with pytest.raises(RuntimeError, match="exploded"):
+            export_bundle(vqgan, unet, target, overwrite=True, **_NEW_EXPORT)
+    assert snapshot() == before and [p.name for p in tmp_path.iterdir()] == ["b"]
+
+    # 2. Failure in the middle of the swap, with the old files moved away and the new ones in place: all rolled
+    # back. The swap is driven directly on a staged folder (a full export only to fail at its end would be slow).
+    stage = target / ".export-partial-test"
+    stage.mkdir()
+    for name in (*REQUIRED_FILES, MANIFEST_NAME):
+        (stage / name).write_bytes(b"new " + name.encode())
+    real_replace = export_module.os.replace
+    moves: list[tuple[Path, Path]] = []
+
+    def replace_failing_on_the_manifest(src, dst):
+        if Path(dst) == target / MANIFEST_NAME:
+            raise OSError("disk full")
+        moves.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(export_module.os, "replace", replace_failing_on_the_manifest)
+        with pytest.raises(OSError, match="disk full"):
+            export_module._replace_bundle_files(stage, target, export_module.bundle_owned_files(target))
+    assert (stage / "unet.onnx", target / "unet.onnx") in moves  # it failed after placing the new files
+    assert sorted(p.name for p in stage.iterdir()) == sorted((*REQUIRED_FILES, MANIFEST_NAME))  # and took them back
+    shutil.rmtree(stage)
+    assert snapshot() == before and [p.name for p in tmp_path.iterdir()] == ["b"]
+    assert load_bundle(target).manifest.class_names == ["lymphocytes", "stroma", "tumour"]
+
+
+def test_overwrite_refuses_a_folder_where_the_bundle_writes_a_file(bundle_dir: Path, tmp_path: Path) -> None:
+    target = Path(shutil.copytree(bundle_dir, tmp_path / "b"))
+    (target / "unet.onnx").unlink()
+    (target / "unet.onnx").mkdir()
+    vqgan, unet = tiny_networks(3)
+    with pytest.raises(InputError, match="unet.onnx is a folder"):
+        export_bundle(vqgan, unet, target, overwrite=True, **_NEW_EXPORT)
+
+
 def test_failed_parity_check_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     vqgan, unet = tiny_networks(3)
     monkeypatch.setattr(export_module, "_max_abs_diff", lambda a, b: 0.5)

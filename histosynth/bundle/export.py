@@ -1,14 +1,18 @@
 """Writing a bundle: ONNX + safetensors for the UNet and the decoder half of the VQ-GAN, then the manifest.
 
-The folder is built under a temporary name beside the target and renamed at the end, and the manifest is
-the last file written inside it: a crash leaves either no bundle or a complete one. Before the rename,
-ONNX Runtime is checked against torch on random inputs and the export fails above a tolerance.
+The files are built in a staging folder and moved into place at the end, the manifest last; a failed export
+leaves the target as it was. A new (or empty) target is the staging folder renamed, so even a crash leaves
+no bundle or a complete one. Replacing a bundle (`overwrite`) swaps only the files the bundle owns
+(`manifest.json` and the files the old and the new manifest list), so anything else a user keeps in the
+folder (a model card, training configs, evaluation reports) stays. Before anything is moved, ONNX Runtime is
+checked against torch on random inputs and the export fails above a tolerance.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
+import json
 import os
 import shutil
 import time
@@ -29,6 +33,7 @@ from histosynth.bundle.manifest import (
     DECODER_WEIGHTS,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    REQUIRED_FILES,
     UNET_INPUTS,
     UNET_ONNX,
     UNET_OUTPUT,
@@ -96,26 +101,88 @@ def _max_abs_diff(a: np.ndarray, b: torch.Tensor) -> float:
     return float(diff.max()) if diff.size else 0.0
 
 
+def _is_plain_name(name: object) -> bool:
+    # Only plain names directly inside the bundle folder may be moved or deleted: a hand-edited manifest
+    # listing "../x" or "sub/y" must never make the exporter touch files outside what it wrote.
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
+
+
+def bundle_owned_files(bundle_dir: str | Path) -> set[str]:
+    """Names of the files in `bundle_dir` that belong to the bundle there: its manifest and every file it lists.
+
+    The manifest is read as plain JSON, so a damaged or newer-format manifest still names what it owns; the
+    fixed files of this format are always included. Only plain names (no folders) are returned.
+    """
+    owned = {MANIFEST_NAME, *REQUIRED_FILES}
+    try:
+        listed = json.loads((Path(bundle_dir) / MANIFEST_NAME).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not a JSON object
+        listed = None
+    if isinstance(listed, dict):
+        owned.update(name for name in listed if _is_plain_name(name))
+    return owned
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` folder to `out`, replacing an old bundle there with as short a gap as possible."""
+    """Rename the finished `tmp` folder to `out`, which does not exist or is an empty folder."""
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        out.rmdir()  # empty (checked by _check_target); fails loudly if a file appeared since
+    os.replace(tmp, out)
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def _replace_bundle_files(stage_dir: Path, out: Path, old_owned: set[str]) -> None:
+    """Move the finished bundle files from `stage_dir` (inside `out`) into `out`, replacing the old bundle.
+
+    Only files the old bundle owns (`old_owned`) are moved away; every other entry of `out` is left alone.
+    The old manifest stays until the new one replaces it in a single rename, so at every moment the folder
+    is either the old bundle, the new one, or (after a hard crash) the old manifest beside files that fail
+    its hashes: loading refuses that, and `export --overwrite` can run again. On an exception everything is
+    moved back; should that fail too, the old files stay in `.export-old-<pid>` inside `out`.
+    """
+    new_names = sorted(p.name for p in stage_dir.iterdir() if p.name != MANIFEST_NAME)
+    backup = out / f".export-old-{os.getpid()}"
+    backup.mkdir()
+    moved_away: list[str] = []  # old bundle files now in `backup`
+    placed: list[str] = []  # new files now in `out`
+    try:
+        for name in sorted(old_owned - {MANIFEST_NAME}):
+            path = out / name
+            if path.is_file() or path.is_symlink():  # never a folder: the exporter writes none
+                os.replace(path, backup / name)
+                moved_away.append(name)
+        for name in new_names:
+            os.replace(stage_dir / name, out / name)
+            placed.append(name)
+        os.replace(stage_dir / MANIFEST_NAME, out / MANIFEST_NAME)  # last: the new bundle is complete
+    except BaseException:
+        for name in reversed(placed):
+            os.replace(out / name, stage_dir / name)
+        for name in reversed(moved_away):
+            os.replace(backup / name, out / name)
+        backup.rmdir()  # empty again; if the rollback failed this line is not reached and the old files stay
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _check_target(out: Path, overwrite: bool) -> set[str] | None:
+    """Refuse a target that is not a folder, not empty without `overwrite`, or not a bundle.
+
+    Returns the names the bundle in `out` owns when it is to be replaced, None for a new or empty folder.
+    """
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"--out {out}: folder is not empty; pass --overwrite to replace a bundle there")
-        if not (out / MANIFEST_NAME).is_file():
-            # Never delete a folder of unknown files, even when asked to overwrite.
-            raise InputError(f"--out {out}: not empty and not a bundle (no {MANIFEST_NAME}); refusing to replace it")
+    if not (out.is_dir() and any(out.iterdir())):
+        return None
+    if not overwrite:
+        raise InputError(f"--out {out}: folder is not empty; pass --overwrite to replace a bundle there")
+    if not (out / MANIFEST_NAME).is_file():
+        # Never touch a folder of unknown files, even when asked to overwrite.
+        raise InputError(f"--out {out}: not empty and not a bundle (no {MANIFEST_NAME}); refusing to replace it")
+    blocked = [name for name in (MANIFEST_NAME, *REQUIRED_FILES) if (out / name).is_dir()]
+    if blocked:
+        raise InputError(f"--out {out}: {', '.join(blocked)} is a folder, where the bundle writes a file; "
+                         "move it away first")
+    return bundle_owned_files(out)
 
 
 def export_bundle(
@@ -146,7 +213,7 @@ def export_bundle(
     start = time.perf_counter()
     stage = on_stage or (lambda _msg: None)
     out = Path(out_dir).resolve()  # absolute, so the temporary sibling folder is well defined even for "."
-    _check_target(out, overwrite)
+    old_owned = _check_target(out, overwrite)  # None: a new or empty folder
 
     latent_decoder = vqgan.latent_decoder() if isinstance(vqgan, VQGAN) else vqgan
     vq_config: VQGANConfig = latent_decoder.config
@@ -209,7 +276,12 @@ def export_bundle(
     decoder_cpu = BundleDecoder(_cpu_copy(latent_decoder), latent_scale).eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    # A new folder is staged beside `out` and renamed as a whole. A bundle being replaced is staged inside
+    # `out`, so the per-file renames stay on one file system and the files around it are never moved.
+    if old_owned is None:
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    else:
+        tmp = out / f".export-partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -260,10 +332,13 @@ def export_bundle(
         )
         write_manifest(manifest, tmp / MANIFEST_NAME)  # last: a folder without it is not a bundle
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        _replace_dir(tmp, out)
-    except BaseException:
+        if old_owned is None:
+            _replace_dir(tmp, out)
+        else:
+            _replace_bundle_files(tmp, out, old_owned)
+    finally:
+        # Empty or gone after a successful move; the partial export after a failure.
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportReport(out, manifest, unet_diff, decoder_diff, tolerance, sizes, time.perf_counter() - start)
 
 
