@@ -24,7 +24,8 @@ def export_command(
                                                  help="Diffusion latent scale (default: from the UNet checkpoint)."),
     data: Optional[str] = typer.Option(None, help="Training data description for the provenance."),
     tolerance: float = typer.Option(1e-3, help="Largest allowed |ONNX Runtime - torch| on the parity check."),
-    overwrite: bool = typer.Option(False, help="Replace the bundle in --out (its own files only; other files there stay)."),
+    overwrite: bool = typer.Option(False,
+                                   help="Replace the bundle in --out (its own files only; other files stay)."),
 ) -> None:
     """Write a bundle (ONNX + safetensors + manifest) and check ONNX Runtime against torch."""
     from histosynth.bundle.export import export_from_checkpoints
