@@ -36,8 +36,10 @@ sys.path.insert(0, str(ROOT))  # runs from a bare copy of the checkout (no pip i
 
 from histosynth.autoencoder.latents import encode_tiles  # noqa: E402
 from histosynth.autoencoder.train import load_train_config, train_vqgan  # noqa: E402
-from histosynth.configio import load  # noqa: E402
+from histosynth.autoencoder.vqgan import VQGANConfig  # noqa: E402
+from histosynth.configio import from_dict, load  # noqa: E402
 from histosynth.diffusion.train import LDMTrainConfig, train_cldm  # noqa: E402
+from histosynth.runtime.weights import read_checkpoint_metadata  # noqa: E402
 
 SHIPPED = ROOT / "weights" / "pcam96"
 TRAINING = SHIPPED / "training"
@@ -87,8 +89,10 @@ def main() -> None:
     vqgan_path = TRAINING / "vqgan.safetensors"
     if args.vqgan != "skip":
         cfg = load_train_config(ROOT / "configs" / "pcam96" / "vqgan-decoder.yaml")
-        cfg = replace(cfg, data=args.data, val_data=None, val_fraction=0.02, train_parts=args.vqgan,
-                      init_from=vqgan_path, device=args.device, threads=0,
+        # The architecture is the committed checkpoint's (round 3 grew the decoder), not the config file's.
+        shipped_model = from_dict(VQGANConfig, read_checkpoint_metadata(vqgan_path)[0], f"{vqgan_path}:config")
+        cfg = replace(cfg, model=shipped_model, data=args.data, val_data=None, val_fraction=0.02,
+                      train_parts=args.vqgan, init_from=vqgan_path, device=args.device, threads=0,
                       batch_size=256 if gpu else 8, crop_size=None if gpu else 48,
                       num_workers=8 if gpu else 0, steps=10**6, val_every=500, sample_every=500, ckpt_every=250,
                       time_limit_s=max(budget * args.vqgan_share, 10.0))
