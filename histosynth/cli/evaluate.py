@@ -166,6 +166,10 @@ def _print_control(d: dict[str, Any]) -> None:
     for name, v in d["per_class"].items():
         table.add_row(name, str(v["expected"]), str(v["correct"]), str(v["n"]), _fmt(v["accuracy"], 3))
     console.print(table)
+    from histosynth.evaluate.control import real_holdout_line
+
+    if (line := real_holdout_line(d)) is not None:
+        console.print(Text(line), soft_wrap=True)
     for w in d.get("warnings", []):
         err_console.print(Text.assemble(("warning: ", "bold yellow"), w), soft_wrap=True)  # names are no markup
 
@@ -180,13 +184,15 @@ def control_command(
     real: Optional[Path] = typer.Option(None, "--real", help="Labelled real tiles for the optional classifier assigner."),
     real_labels: Optional[Path] = typer.Option(None, "--real-labels", help="file,label CSV of --real."),
     class_map: Optional[Path] = typer.Option(None, "--class-map", help="YAML: class name -> label, for the classifier."),
+    real_holdout: Optional[int] = typer.Option(None, "--real-holdout", min=0,
+                                               help="Held-out labelled real tiles that score the classifier itself (default 1000, at most half the pool; 0: off)."),
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class", min=1),
     device: str = typer.Option("cpu", help="auto, cpu, cuda, cuda:N."),
     confusion_png: Optional[Path] = typer.Option(None, "--png", help="Write the confusion matrix (PNG) here."),
     json_path: Optional[Path] = JsonOption,
 ) -> None:
     """Assign generated tiles back to classes; per-class accuracy and confusion matrix."""
-    from histosynth.evaluate.control import evaluate_control, evaluate_control_classifier
+    from histosynth.evaluate.control import REAL_HOLDOUT, evaluate_control, evaluate_control_classifier
     from histosynth.evaluate.plots import confusion_plot
 
     use_clusters = vqgan is not None or head is not None
@@ -197,6 +203,8 @@ def control_command(
         raise InputError("--real, --real-labels and --class-map go together (the classifier assigner)")
     if not (use_clusters or use_classifier):
         raise InputError("give an assigner: --vqgan CKPT --head HEAD, and/or --real DIR --real-labels CSV --class-map YAML")
+    if real_holdout is not None and not use_classifier:
+        raise InputError("--real-holdout scores the classifier assigner; give it with --real, --real-labels and --class-map")
     results = []
     with _progress() as bar:
         if use_clusters:
@@ -208,6 +216,7 @@ def control_command(
         if use_classifier:
             bar.add_task("training the classifier assigner", total=None)
             results.append(evaluate_control_classifier(samples, real=real, real_labels=real_labels, class_map=class_map,
+                                                       real_holdout=REAL_HOLDOUT if real_holdout is None else real_holdout,
                                                        max_per_class=max_per_class).to_json())
     for i, d in enumerate(results):
         _print_control(d)

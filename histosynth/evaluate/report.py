@@ -63,6 +63,11 @@ def _control_section(d: dict[str, Any], out_dir: Path, tag: str) -> list[str]:
     out = [f"## Controllability ({d['assigner']} assigner): overall accuracy {_f(d['accuracy'], 3)}", ""]
     out += _table(["class", "expected", "correct / n", "accuracy"],
                   [[k, v["expected"], f"{v['correct']} / {v['n']}", v["accuracy"]] for k, v in d["per_class"].items()])
+    from histosynth.evaluate.control import real_holdout_line
+
+    if (line := real_holdout_line(d)) is not None:
+        out += [line, ""]
+    out += [f"- warning: {w}" for w in d.get("warnings", [])] + ([""] if d.get("warnings") else [])
     return out + [f"![confusion matrix]({png.name})", ""]
 
 
@@ -173,7 +178,11 @@ def build_report(
         elif metric == "recon":
             lines += _recon_section(data)
         elif metric == "control":
-            lines += _control_section(data, out, tag)
+            if "assigners" in data:  # both assigners of one `evaluate control` call
+                for d in data["assigners"]:
+                    lines += _control_section(d, out, f"{tag}-{d['assigner']}")
+            else:
+                lines += _control_section(data, out, tag)
         elif metric == "downstream":
             lines += _downstream_section(data, out, tag)
         elif metric == "budget":
