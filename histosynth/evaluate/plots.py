@@ -77,7 +77,11 @@ def line_plot(
         draw.line([left - 4, yy, left, yy], fill="black")
         draw.line([left + 1, yy, left + pw - 1, yy], fill=(230, 230, 230))
         draw.text((left - 8, yy), _fmt(y), fill="black", font=font, anchor="rm")
-    x_ticks = sorted(set(xs_all)) if len(set(xs_all)) <= 10 else nice_ticks(x_lo, x_hi)
+    x_ticks = sorted(set(xs_all))
+    spacing = min((px(b, y_lo)[0] - px(a, y_lo)[0] for a, b in zip(x_ticks, x_ticks[1:])), default=pw)
+    if len(x_ticks) > 10 or spacing < 40:  # the data's own x values, unless their labels would overlap
+        inside = [t for t in nice_ticks(x_lo, x_hi) if x_lo <= t <= x_hi]  # nice_ticks may overshoot the range
+        x_ticks = [10 ** t for t in inside] if log_x else inside
     for x in x_ticks:
         xx, _ = px(x, y_lo)
         draw.line([xx, top + ph, xx, top + ph + 4], fill="black")
