@@ -56,7 +56,8 @@ cp $R/vqgan-dec/vqgan.safetensors $R/review/label_map.yaml $R/review/label_map_t
 # torch thread each: `threads: 1`), each stopped by hand after a checkpoint at the step given here.
 # The round-2 decoder run went on to step 3,750 (142,400 samples), the decoder that ships. A deeper decoder (one more
 # residual block per level, grown from that one with the added blocks as the identity, a fresh discriminator) ran
-# 3,000 steps beside it as an experiment and did not ship: FID of its reconstructions 74.9 against 67.5 (n = 1,000).
+# 3,000 steps beside it as an experiment and did not ship: FID of its reconstructions of 1,000 training tiles
+# 75.8 against 70.1 (benchmarks/fid_curve.py, weights/pcam96/eval/decoder_choice_train.json).
 histosynth train vqgan --config configs/pcam96/vqgan-decoder.yaml --run-dir $R/vqgan-dec --steps 3750
 histosynth train vqgan --config configs/pcam96/vqgan-decoder-deep.yaml --run-dir $R/vqgan-deep --steps 3000 &
 histosynth train cldm --config configs/pcam96/cldm-labels.yaml --run-dir $R/cldm-labels --steps 21000 &
