@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -39,6 +39,18 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def _fmt(v: float) -> str:
     return f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
+def x_tick_values(xs: Sequence[float], to_px: Callable[[float], float], lo: float, hi: float, log_x: bool,
+                  min_gap: float = 40.0) -> list[float]:
+    """The data's own x values as ticks, unless there are more than 10 or their labels would overlap (closer than
+    `min_gap` pixels); then round values inside the axis range [lo, hi] (log10 units when `log_x`)."""
+    ticks = sorted(set(xs))
+    gap = min((to_px(b) - to_px(a) for a, b in zip(ticks, ticks[1:])), default=min_gap)
+    if len(ticks) <= 10 and gap >= min_gap:
+        return ticks
+    inside = [t for t in nice_ticks(lo, hi) if lo <= t <= hi]  # nice_ticks may overshoot the range
+    return [10 ** t for t in inside] if log_x else inside
 
 
 def line_plot(
@@ -77,11 +89,7 @@ def line_plot(
         draw.line([left - 4, yy, left, yy], fill="black")
         draw.line([left + 1, yy, left + pw - 1, yy], fill=(230, 230, 230))
         draw.text((left - 8, yy), _fmt(y), fill="black", font=font, anchor="rm")
-    x_ticks = sorted(set(xs_all))
-    spacing = min((px(b, y_lo)[0] - px(a, y_lo)[0] for a, b in zip(x_ticks, x_ticks[1:])), default=pw)
-    if len(x_ticks) > 10 or spacing < 40:  # the data's own x values, unless their labels would overlap
-        inside = [t for t in nice_ticks(x_lo, x_hi) if x_lo <= t <= x_hi]  # nice_ticks may overshoot the range
-        x_ticks = [10 ** t for t in inside] if log_x else inside
+    x_ticks = x_tick_values(xs_all, lambda x: px(x, y_lo)[0], x_lo, x_hi, log_x)
     for x in x_ticks:
         xx, _ = px(x, y_lo)
         draw.line([xx, top + ph, xx, top + ph + 4], fill="black")
