@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -29,6 +29,18 @@ JsonOption = typer.Option(None, "--json", help="Also write the results as JSON h
 def _progress() -> Progress:
     """The shared bar (done/total, tiles/s, elapsed, ETA) on stderr, cleared when the command prints its table."""
     return progress_bar("tiles", console=err_console, transient=True)
+
+
+def _task_per_name(bar: Progress, label: str) -> Callable[[str, int, int], None]:
+    """A `progress(name, done, total)` callback that gives each name its own task on `bar`, titled `label`."""
+    tasks: dict[str, Any] = {}
+
+    def report(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = bar.add_task(label.format(name), total=total)
+        bar.update(tasks[name], completed=done, total=total)
+
+    return report
 
 
 def _write_json(path: Optional[Path], data: dict[str, Any]) -> None:
@@ -62,12 +74,7 @@ def fid_command(
     from histosynth.evaluate.fid import evaluate_fid
 
     with _progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def report(side: str, done: int, total: int) -> None:
-            if side not in tasks:
-                tasks[side] = bar.add_task(f"features ({side})", total=total)
-            bar.update(tasks[side], completed=done)
+        report = _task_per_name(bar, "features ({})")
 
         result = evaluate_fid(real, fake, inception=inception, device=device, max_images=max_images, seed=seed,
                               batch_size=batch_size, cache_dir=cache_dir, use_cache=not no_cache,
@@ -144,12 +151,7 @@ def budget_command(
     from histosynth.evaluate.budget import budget_markdown, error_budget
 
     with _progress() as bar:
-        tasks: dict[str, Any] = {}
-
-        def report(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(f"Inception features: {what}", total=total)
-            bar.update(tasks[what], completed=done, total=total)
+        report = _task_per_name(bar, "Inception features: {}")
 
         result = error_budget(real, train=train, reconstructions=reconstructions, generated=generated, n=n, seed=seed,
                               device=device, batch_size=batch_size, inception=inception, cache_dir=cache_dir,
