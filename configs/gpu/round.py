@@ -1,15 +1,20 @@
 """One training round on a lent GPU (issue 8.6): resume both networks from the committed checkpoints, stop on time.
 
     python configs/gpu/round.py OUT [--minutes 9] [--data DIR] [--device cuda] [--vqgan decoder|all|skip]
+        [--vqgan-init CKPT] [--unet-init CKPT|none]
 
 What it does, each stage with its own share of the time (`time_limit_s`: a stage stops, checkpoints and exports
 wherever its step count stands):
 
-1. **VQ-GAN** from `weights/pcam96/training/vqgan.safetensors` (`configs/pcam96/vqgan-decoder.yaml` with GPU
-   sizes): `--vqgan decoder` sharpens the decoder only (the latent space, hence the shipped UNet, stays valid);
-   `--vqgan all` trains encoder and decoder on, which moves the latent space: the cLDM then re-adapts below.
+1. **VQ-GAN** from `--vqgan-init` (default `weights/pcam96/training/vqgan.safetensors`; round 4's larger
+   autoencoder is `weights/pcam96/next/vqgan-v2.safetensors`), `configs/pcam96/vqgan-decoder.yaml` with GPU sizes
+   and the checkpoint's own architecture: `--vqgan decoder` sharpens the decoder only (the latent space, hence the
+   shipped UNet, stays valid); `--vqgan all` trains encoder and decoder on, which moves the latent space: the cLDM
+   then re-adapts below.
 2. **Encode** the tiles with it (a fresh latent cache).
-3. **cLDM** from the shipped `weights/pcam96/unet.safetensors` on the reviewed classes of
+3. **cLDM** from `--unet-init` (default the shipped `weights/pcam96/unet.safetensors`; weights whose shapes differ,
+   e.g. the input and output convolutions when the VQ-GAN has another number of latent channels, start fresh;
+   `none`: all fresh) on the reviewed classes of
    `weights/pcam96/training/label_map.yaml` (per-tile classes from its `label_map_tiles.csv`, matched by file name,
    so a subset of the tiles works), bf16, GPU batch size.
 4. Copies the small EMA exports (fp16) and logs to `OUT/`: at most 8 files, as the device tool returns them.
@@ -68,6 +73,11 @@ def _labels_for(cache_dir: Path, out_csv: Path) -> int:
     return n
 
 
+def _vqgan_config(path: Path) -> VQGANConfig:
+    """The architecture stored beside a VQ-GAN export."""
+    return from_dict(VQGANConfig, read_checkpoint_metadata(path)[0], f"{path}:config")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="folder for checkpoints, logs and the exports")
@@ -76,22 +86,28 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--vqgan", choices=["decoder", "all", "skip"], default="decoder")
     ap.add_argument("--vqgan-share", type=float, default=0.4, help="share of the time for the VQ-GAN")
+    ap.add_argument("--vqgan-init", type=Path, default=TRAINING / "vqgan.safetensors",
+                    help="VQ-GAN export to continue (its architecture is used)")
+    ap.add_argument("--unet-init", default=str(SHIPPED / "unet.safetensors"),
+                    help="UNet export to continue (shape-matching weights are copied), or 'none'")
     args = ap.parse_args()
     if not args.data.is_dir():
         sys.exit(f"--data: {args.data} is not a folder (on the device machine run configs/gpu/pack.py first and "
                  "carry its folder)")
+    for path in (args.vqgan_init, None if args.unet_init == "none" else Path(args.unet_init)):
+        if path is not None and not path.is_file():
+            sys.exit(f"{path}: no such checkpoint")
     start = time.monotonic()
     budget = args.minutes * 60
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     gpu = args.device.startswith("cuda")
 
-    vqgan_path = TRAINING / "vqgan.safetensors"
+    vqgan_path = args.vqgan_init
     if args.vqgan != "skip":
         cfg = load_train_config(ROOT / "configs" / "pcam96" / "vqgan-decoder.yaml")
-        # The architecture is the committed checkpoint's (round 3 grew the decoder), not the config file's.
-        shipped_model = from_dict(VQGANConfig, read_checkpoint_metadata(vqgan_path)[0], f"{vqgan_path}:config")
-        cfg = replace(cfg, model=shipped_model, data=args.data, val_data=None, val_fraction=0.02,
+        # The architecture is the checkpoint's (round 3 grew the decoder, round 4 widened it), not the config's.
+        cfg = replace(cfg, model=_vqgan_config(vqgan_path), data=args.data, val_data=None, val_fraction=0.02,
                       train_parts=args.vqgan, init_from=vqgan_path, device=args.device, threads=0,
                       batch_size=256 if gpu else 8, crop_size=None if gpu else 48,
                       num_workers=8 if gpu else 0, steps=10**6, val_every=500, sample_every=500, ckpt_every=250,
@@ -113,8 +129,11 @@ def main() -> None:
 
     cfg = load(LDMTrainConfig, ROOT / "configs" / "pcam96" / "cldm-labels.yaml", root="cldm")
     left = budget - (time.monotonic() - start) - 60  # a minute for the sample check and the copies
+    channels = _vqgan_config(vqgan_path).latent_channels
     cfg = replace(cfg, latents=cache, labels=labels, label_map=TRAINING / "label_map.yaml",
-                  init_from=SHIPPED / "unet.safetensors", vqgan=vqgan_path, device=args.device,
+                  model=replace(cfg.model, in_channels=channels, out_channels=channels),
+                  init_from=None if args.unet_init == "none" else Path(args.unet_init), vqgan=vqgan_path,
+                  device=args.device,
                   batch_size=512 if gpu else 32, lr=4e-4 if gpu else cfg.lr, steps=10**6, checkpoint_every=1000,
                   keep_checkpoints=2, time_limit_s=max(left, 10.0))
     cfg.validate("cldm")
