@@ -78,6 +78,19 @@ def test_backends_make_the_same_images(bundle: Bundle, backends: tuple[Backend, 
     assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 2
 
 
+def test_a_four_channel_latent_bundle_exports_and_generates(tmp_path) -> None:
+    # Round 4's autoencoder has 4 latent channels: the bundle format, the ONNX parity check at export and both
+    # backends must carry the channel count through from the checkpoints' configs.
+    four = load_bundle(tiny_bundle(tmp_path, num_classes=2, tile_size=32, latent_channels=4))
+    assert four.manifest.latent_shape[0] == 4
+    schedule = NoiseSchedule(four.manifest.schedule)
+    noise = torch.randn(2, *four.manifest.latent_shape, generator=torch.Generator().manual_seed(3))
+    images = [b.decode(sample(b.denoise, schedule, noise, torch.tensor([0, 1]), sampler="dpmpp2m", steps=4))
+              for b in (make_backend(four, "torch", "cpu", "fp32"), make_backend(four, "onnx", "cpu", "fp32"))]
+    assert images[0].shape == (2, 32, 32, 3) and images[0].std() > 5
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 2
+
+
 def test_to_uint8_maps_the_range() -> None:
     images = torch.tensor([-1.5, -1.0, 0.0, 1.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
     assert to_uint8(images)[0, 0, :, 0].tolist() == [0, 0, 128, 255]

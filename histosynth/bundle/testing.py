@@ -30,10 +30,10 @@ _CACHE_ROOT: Path | None = None
 TISSUE_NAMES = ("tumour", "stroma", "lymphocytes", "necrosis", "fat", "mucosa", "debris", "muscle")
 
 
-def tiny_vqgan_config() -> VQGANConfig:
+def tiny_vqgan_config(latent_channels: int = 3) -> VQGANConfig:
     """A VQ-GAN with f=4 and a few thousand parameters."""
-    return VQGANConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=3,
-                       codebook_size=32, codebook_dim=3, norm_groups=4)
+    return VQGANConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=latent_channels,
+                       codebook_size=32, codebook_dim=latent_channels, norm_groups=4)
 
 
 def tiny_unet_config(num_classes: int, latent_channels: int = 3) -> UNetConfig:
@@ -43,12 +43,12 @@ def tiny_unet_config(num_classes: int, latent_channels: int = 3) -> UNetConfig:
                       num_classes=num_classes, dropout=0.0, norm_groups=8)
 
 
-def tiny_networks(num_classes: int = 3, seed: int = 0) -> tuple[VQGAN, UNet]:
+def tiny_networks(num_classes: int = 3, seed: int = 0, latent_channels: int = 3) -> tuple[VQGAN, UNet]:
     """Tiny random VQ-GAN and UNet, identical for the same seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vqgan = VQGAN(tiny_vqgan_config()).eval()
-        unet = UNet(tiny_unet_config(num_classes)).eval()
+        vqgan = VQGAN(tiny_vqgan_config(latent_channels)).eval()
+        unet = UNet(tiny_unet_config(num_classes, latent_channels)).eval()
         with torch.no_grad():
             # Zero-initialised output convs (a training nicety) would make every UNet output 0 and hide
             # backend differences; small noise on every weight makes the networks non-trivial.
@@ -67,20 +67,23 @@ def tiny_bundle(
     name: str = "bundle",
     seed: int = 0,
     prediction: str = "epsilon",
+    latent_channels: int = 3,
 ) -> Path:
     """Export a tiny bundle to ``tmp_path / name`` and return its folder (classes from `TISSUE_NAMES`)."""
     global _CACHE_ROOT
-    key = (num_classes, tile_size, seed, prediction)
+    key = (num_classes, tile_size, seed, prediction, latent_channels)
     if key not in _CACHE:
         if _CACHE_ROOT is None:
             _CACHE_ROOT = Path(tempfile.mkdtemp(prefix="histosynth-tiny-bundles-"))
             atexit.register(shutil.rmtree, _CACHE_ROOT, True)
-        _CACHE[key] = _export_tiny(_CACHE_ROOT / f"b{len(_CACHE)}", num_classes, tile_size, seed, prediction)
+        _CACHE[key] = _export_tiny(_CACHE_ROOT / f"b{len(_CACHE)}", num_classes, tile_size, seed, prediction,
+                                   latent_channels)
     return Path(shutil.copytree(_CACHE[key], Path(tmp_path) / name))
 
 
-def _export_tiny(out: Path, num_classes: int, tile_size: int, seed: int, prediction: str) -> Path:
-    vqgan, unet = tiny_networks(num_classes, seed)
+def _export_tiny(out: Path, num_classes: int, tile_size: int, seed: int, prediction: str,
+                 latent_channels: int) -> Path:
+    vqgan, unet = tiny_networks(num_classes, seed, latent_channels)
     names = sorted(TISSUE_NAMES[i] if i < len(TISSUE_NAMES) else f"class{i:03d}" for i in range(num_classes))
     report = export_bundle(
         vqgan, unet, out,
