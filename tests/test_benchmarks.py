@@ -157,3 +157,39 @@ def test_sampler_quality_fid(quality: ModuleType, tmp_path: Path, pcam_tiles: li
     assert dpm3["fid"] != ddim2["fid"]
     report = build_report(tmp_path / "report", results=[records_path])
     assert "Quality against sampler steps" in report.read_text() and (report.parent / "sweep-0.png").is_file()
+
+
+def test_autoencoder_curve_counts_samples_and_extrapolates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    import torch
+
+    from histosynth.runtime.weights import save_export
+
+    curve = _load("autoencoder_curve")
+    run = tmp_path / "run"
+    run.mkdir()
+    # A run continued from 10,000 earlier tiles, 16 tiles a step; SSIM rises 0.1 per decade of samples.
+    save_export(torch.nn.Linear(1, 1), run / "vqgan.safetensors", {}, {"samples_seen": 10_000 + 16 * 4000,
+                                                                       "step": 4000})
+    lines = [json.dumps({"step": s, "split": "train", "l1": 0.2}) for s in (500, 1000)]
+    for step in (1000, 2000, 4000):
+        samples = 10_000 + 16 * step
+        lines.append(json.dumps({"step": step, "split": "val", "ssim": 0.1 * math.log10(samples) + 0.1,
+                                 "psnr": 20.0}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "curve.json"
+    monkeypatch.setattr(sys, "argv", ["autoencoder_curve.py", str(run), "--prior-samples", "10000",
+                                      "--fit-from", "0", "--target", "0.8", "--json", str(out),
+                                      "--png", str(tmp_path / "curve.png")])
+    curve.main()
+    result = json.loads(out.read_text())
+    assert [r["samples"] for r in result["rows"]] == [26_000, 42_000, 74_000]
+    assert result["ssim_log_fit"]["b_per_decade"] == pytest.approx(0.1)
+    assert result["ssim_target_at_samples_if_log_linear"] == pytest.approx(1e7, rel=1e-6)
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    # No validation rows yet: a clear message, not a traceback.
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    with pytest.raises(SystemExit, match="no validation rows"):
+        curve.main()
