@@ -16,6 +16,7 @@ from histosynth.autoencoder.vqgan import (
     LatentDecoder,
     VectorQuantizer,
     VQGANConfig,
+    nearest_codes,
 )
 from histosynth.configio import from_dict, to_dict
 from histosynth.errors import InputError
@@ -134,6 +135,39 @@ def test_quantizer_picks_nearest_code() -> None:
     expected = torch.cdist(flat, q.embedding.weight).argmin(dim=1).reshape(2, 5, 7)
     assert torch.equal(out.indices, expected)
     torch.testing.assert_close(out.quantized, q.embedding.weight[expected].permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("block", [None, 7, 10_000])
+def test_nearest_codes_are_exact_in_blocks_and_under_bf16_autocast(block: int | None) -> None:
+    # A large, dense codebook (round 4's 4 x 8,192): bf16 distances would pick a wrong code for many vectors.
+    gen = torch.Generator().manual_seed(0)
+    codebook = torch.randn(8192, 4, generator=gen)
+    latents = torch.randn(3, 4, 6, 5, generator=gen)
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, 4)
+    expected = torch.cdist(flat.double(), codebook.double()).argmin(dim=1).reshape(3, 6, 5)
+    assert torch.equal(nearest_codes(latents, codebook, block), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(nearest_codes(latents, codebook, block), expected)
+        q = VectorQuantizer(8192, 4)
+        q.embedding.weight.data.copy_(codebook)
+        assert torch.equal(q(latents.requires_grad_()).indices, expected)
+
+
+def test_traced_lookup_picks_the_same_codes_as_the_eager_one() -> None:
+    class Indices(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = _quantizer()
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.q.lookup(z)[1]
+
+    module = Indices().eval()
+    q = module.q
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (torch.randn(2, 3, 5, 7),))  # the ONNX branch of `lookup`
+    other = torch.randn(4, 3, 5, 7)  # another batch size than the traced one
+    assert torch.equal(traced(other), q.lookup(other)[1])
 
 
 def test_codebook_loss_moves_only_the_codebook_unweighted() -> None:
