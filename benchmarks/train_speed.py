@@ -7,7 +7,8 @@ processes. Prints one JSON object (and a Markdown table with --markdown).
     python benchmarks/train_speed.py --parallel          # also 1 process x 2 threads vs 2 processes x 1 thread
 
 Each setting runs `--warmup` untimed steps, then `--steps` timed ones; the median step time is reported. The networks
-are the shipped model's architectures (configs/pcam96), with random weights: speed does not depend on the weights.
+are the shipped model's architectures (configs/pcam96) and round 4's VQ-GAN (configs/pcam96/vqgan-v2.yaml), with
+random weights: speed does not depend on the weights.
 A step is what the training loops do: forward, loss, backward, optimizer step (and for the VQ-GAN, from `disc_start`,
 the discriminator's step too). Timings on a shared machine are noisy: read the ratios to the first (baseline) row,
 which is the configuration that trained the stage-1 weights (96-px tiles, fp32, batch 8 per process).
@@ -37,6 +38,9 @@ from histosynth.diffusion.unet import UNet, UNetConfig
 # The shipped model's architectures (configs/pcam96/vqgan.yaml, ldm.yaml).
 VQGAN_CONFIG = VQGANConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=3,
                            codebook_size=1024, codebook_dim=3, norm_groups=8, usage_decay=0.95)
+# Round 4's VQ-GAN (configs/pcam96/vqgan-v2.yaml): wider, 4 latent channels, 8,192 codes.
+VQGAN_V2_CONFIG = VQGANConfig(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
+                              codebook_size=8192, codebook_dim=4, norm_groups=8, usage_decay=0.95)
 DISC_CONFIG = DiscriminatorConfig(base_channels=32, num_layers=3, norm="group", norm_groups=32)
 UNET_CONFIG = UNetConfig(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(2,),
                          num_heads=4, norm_groups=16, num_classes=4)
@@ -52,6 +56,7 @@ class VQSetting:
     decoder_only: bool = False  # encoder + codebook frozen (no encoder backward)
     gan: bool = True  # discriminator step + GAN/feature-matching terms
     compile: bool = False
+    round4: bool = False  # round 4's architecture (VQGAN_V2_CONFIG) instead of the shipped one
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,8 @@ def _median_time(step: Callable[[], None], warmup: int, steps: int) -> float:
 def vqgan_step(setting: VQSetting, tile: int = 96) -> Callable[[], None]:
     """One VQ-GAN training step as `autoencoder.train` runs it under `setting`."""
     torch.manual_seed(0)
-    model = VQGAN(VQGAN_CONFIG).train()
+    arch = VQGAN_V2_CONFIG if setting.round4 else VQGAN_CONFIG
+    model = VQGAN(arch).train()
     disc = DISC_CONFIG.build(3).train()
     loss_fn = VQGANLoss(VQGANLossConfig(ms_ssim_weight=0.5, lecam_weight=0.1 if setting.gan else 0.0,
                                         discriminator=DISC_CONFIG))
@@ -108,7 +114,7 @@ def vqgan_step(setting: VQSetting, tile: int = 96) -> Callable[[], None]:
     opt_g = torch.optim.Adam(model.decoder.parameters() if setting.decoder_only else model.parameters(), lr=1e-4)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4)
     images_full = torch.rand(setting.batch, 3, tile, tile) * 2 - 1
-    f = VQGAN_CONFIG.downsample_factor
+    f = arch.downsample_factor
 
     def step() -> None:
         images = images_full
@@ -175,6 +181,11 @@ VQ_SETTINGS = [
     VQSetting("48 px crops bf16 channels_last b32 + GAN", batch=32, crop=48, bf16=True, channels_last=True),
     VQSetting("decoder-only 48 px crops bf16 channels_last b32 + GAN (shipped)", batch=32, crop=48, bf16=True,
               channels_last=True, decoder_only=True),
+    VQSetting("96 px bf16 channels_last b8, no GAN", bf16=True, channels_last=True, gan=False),
+    VQSetting("round 4 architecture: 96 px bf16 channels_last b8, no GAN (round 4)", bf16=True, channels_last=True,
+              gan=False, round4=True),
+    VQSetting("round 4 architecture: decoder-only 96 px bf16 channels_last b8 + GAN (its next phase)", bf16=True,
+              channels_last=True, decoder_only=True, round4=True),
 ]
 UNET_SETTINGS = [
     UNetSetting("fp32 (stage 2/4 config)"),
@@ -186,8 +197,9 @@ UNET_SETTINGS = [
 
 def run_settings(compile_too: bool, warmup: int, steps: int, only: str | None) -> list[dict]:
     rows = []
-    vq = VQ_SETTINGS + ([VQSetting("48 px crops bf16 channels_last b32 + GAN, compiled", batch=32, crop=48,
-                                   bf16=True, channels_last=True, compile=True)] if compile_too else [])
+    vq = VQ_SETTINGS + ([VQSetting("round 4 architecture: 96 px bf16 channels_last b8, no GAN, compiled",
+                                   bf16=True, channels_last=True, gan=False, round4=True, compile=True)]
+                        if compile_too else [])
     un = UNET_SETTINGS + ([UNetSetting("bf16 compiled", bf16=True, compile=True)] if compile_too else [])
     if only in (None, "vqgan"):
         for s in vq:

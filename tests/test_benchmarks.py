@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +25,7 @@ def _load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     return module
 
@@ -161,8 +163,6 @@ def test_sampler_quality_fid(quality: ModuleType, tmp_path: Path, pcam_tiles: li
 
 def test_autoencoder_curve_counts_samples_and_extrapolates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    import sys
-
     import torch
 
     from histosynth.runtime.weights import save_export
@@ -193,3 +193,13 @@ def test_autoencoder_curve_counts_samples_and_extrapolates(tmp_path: Path, monke
     (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
     with pytest.raises(SystemExit, match="no validation rows"):
         curve.main()
+
+
+def test_train_speed_steps_run_for_both_vqgan_architectures() -> None:
+    speed = _load("train_speed")
+    for setting in (speed.VQSetting("shipped", batch=2, bf16=True, channels_last=True, gan=False),
+                    speed.VQSetting("round 4", batch=2, bf16=True, channels_last=True, decoder_only=True,
+                                    round4=True)):
+        step = speed.vqgan_step(setting)
+        step()  # forward, losses, backward and optimizer steps of the full-size networks, once
+    assert speed.VQGAN_V2_CONFIG.latent_channels == 4 and speed.VQGAN_V2_CONFIG.codebook_size == 8192
