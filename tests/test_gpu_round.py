@@ -31,7 +31,7 @@ def test_missing_checkpoint_is_named(tmp_path: Path, pcam_tiles: list[Path]) -> 
     missing = tmp_path / "nope.safetensors"
     proc = _run(str(tmp_path / "out"), "--data", str(data), "--vqgan-init", str(missing), "--device", "cpu")
     assert proc.returncode != 0
-    assert f"{missing}: no such checkpoint" in proc.stderr
+    assert f"{missing}: no such file" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
 
 
@@ -51,7 +51,8 @@ def test_round_on_cpu_with_a_four_channel_vqgan(tmp_path: Path, pcam_tiles: list
     vqgan = save_export(VQGAN(VQGANConfig(**arch)), tmp_path / "vqgan-v2.safetensors", arch, {"kind": "vqgan"})
     out = tmp_path / "round"
     proc = _run(str(out), "--data", str(data), "--device", "cpu", "--minutes", "0.4", "--vqgan", "all",
-                "--vqgan-init", str(vqgan), "--unet-init", str(SHIPPED_UNET))
+                "--vqgan-init", str(vqgan), "--vqgan-config", str(ROOT / "configs" / "pcam96" / "vqgan-v2.yaml"),
+                "--unet-init", str(SHIPPED_UNET))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     keep = out / "keep"
     assert (keep / "vqgan.safetensors").is_file() and (keep / "unet.safetensors").is_file()

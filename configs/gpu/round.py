@@ -1,14 +1,15 @@
 """One training round on a lent GPU (issue 8.6): resume both networks from the committed checkpoints, stop on time.
 
     python configs/gpu/round.py OUT [--minutes 9] [--data DIR] [--device cuda] [--vqgan decoder|all|skip]
-        [--vqgan-init CKPT] [--unet-init CKPT|none]
+        [--vqgan-init CKPT] [--vqgan-config YAML] [--unet-init CKPT|none]
 
 What it does, each stage with its own share of the time (`time_limit_s`: a stage stops, checkpoints and exports
 wherever its step count stands):
 
 1. **VQ-GAN** from `--vqgan-init` (default `weights/pcam96/training/vqgan.safetensors`; round 4's larger
-   autoencoder is `weights/pcam96/next/vqgan-v2.safetensors`), `configs/pcam96/vqgan-decoder.yaml` with GPU sizes
-   and the checkpoint's own architecture: `--vqgan decoder` sharpens the decoder only (the latent space, hence the
+   autoencoder is `weights/pcam96/next/vqgan-v2.safetensors`), with the losses and schedule of `--vqgan-config`
+   (default `configs/pcam96/vqgan-decoder.yaml`, the GAN phase; `configs/pcam96/vqgan-v2.yaml` continues round 4's
+   reconstruction phase), GPU sizes and the checkpoint's own architecture: `--vqgan decoder` sharpens the decoder only (the latent space, hence the
    shipped UNet, stays valid); `--vqgan all` trains encoder and decoder on, which moves the latent space: the cLDM
    then re-adapts below.
 2. **Encode** the tiles with it (a fresh latent cache).
@@ -88,15 +89,17 @@ def main() -> None:
     ap.add_argument("--vqgan-share", type=float, default=0.4, help="share of the time for the VQ-GAN")
     ap.add_argument("--vqgan-init", type=Path, default=TRAINING / "vqgan.safetensors",
                     help="VQ-GAN export to continue (its architecture is used)")
+    ap.add_argument("--vqgan-config", type=Path, default=ROOT / "configs" / "pcam96" / "vqgan-decoder.yaml",
+                    help="training config whose losses and schedule the VQ-GAN stage uses")
     ap.add_argument("--unet-init", default=str(SHIPPED / "unet.safetensors"),
                     help="UNet export to continue (shape-matching weights are copied), or 'none'")
     args = ap.parse_args()
     if not args.data.is_dir():
         sys.exit(f"--data: {args.data} is not a folder (on the device machine run configs/gpu/pack.py first and "
                  "carry its folder)")
-    for path in (args.vqgan_init, None if args.unet_init == "none" else Path(args.unet_init)):
+    for path in (args.vqgan_init, args.vqgan_config, None if args.unet_init == "none" else Path(args.unet_init)):
         if path is not None and not path.is_file():
-            sys.exit(f"{path}: no such checkpoint")
+            sys.exit(f"{path}: no such file")
     start = time.monotonic()
     budget = args.minutes * 60
     out = args.out
@@ -105,7 +108,7 @@ def main() -> None:
 
     vqgan_path = args.vqgan_init
     if args.vqgan != "skip":
-        cfg = load_train_config(ROOT / "configs" / "pcam96" / "vqgan-decoder.yaml")
+        cfg = load_train_config(args.vqgan_config)
         # The architecture is the checkpoint's (round 3 grew the decoder, round 4 widened it), not the config's.
         cfg = replace(cfg, model=_vqgan_config(vqgan_path), data=args.data, val_data=None, val_fraction=0.02,
                       train_parts=args.vqgan, init_from=vqgan_path, device=args.device, threads=0,
