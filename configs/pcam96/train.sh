@@ -70,10 +70,10 @@ cp $R/vqgan-dec/vqgan.safetensors weights/pcam96/training/
 # ---- Round 4 (2026-11-30, third session; issue 8): a new, larger VQ-GAN from scratch (48 base channels, 4 latent
 # channels, 8,192 codes; configs/pcam96/vqgan-v2.yaml), its reconstruction phase on both cores (DDP, one thread per
 # process). It was restarted once, at step 2,000, to pick up the exact fp32 codebook lookup (the run resumes from its
-# checkpoints), and stopped by its time limit at step STEP_R4. Its EMA export is committed as
+# checkpoints), and stopped by its time limit at step 7,006 (112,096 tiles, 5.8 epochs). Its EMA export is committed as
 # weights/pcam96/next/vqgan-v2.safetensors; nothing of it ships yet.
 torchrun --nproc_per_node 2 -m histosynth train vqgan --config configs/pcam96/vqgan-v2.yaml --run-dir $R/vqgan-v2 \
-  --steps STEP_R4
+  --steps 7006
 mkdir -p weights/pcam96/next && cp $R/vqgan-v2/vqgan.safetensors weights/pcam96/next/vqgan-v2.safetensors
 # Next (prepared, not run yet): encode with its frozen encoder, then its decoder's GAN phase and the cLDM on the
 # 4-channel latents side by side, one process per core; then export as a new weights/pcam96.

@@ -49,8 +49,14 @@ def x_tick_values(xs: Sequence[float], to_px: Callable[[float], float], lo: floa
     gap = min((to_px(b) - to_px(a) for a, b in zip(ticks, ticks[1:])), default=min_gap)
     if len(ticks) <= 10 and gap >= min_gap:
         return ticks
-    inside = [t for t in nice_ticks(lo, hi) if lo <= t <= hi]  # nice_ticks may overshoot the range
-    return [10 ** t for t in inside] if log_x else inside
+    if log_x:  # 1, 2 and 5 times powers of ten (steps of 0.5 in log10 would label 31.6228)
+        for mantissas in ((1, 2, 5), (1,)):
+            inside = [m * 10.0 ** k for k in range(math.floor(lo), math.ceil(hi) + 1) for m in mantissas
+                      if lo - 1e-9 <= k + math.log10(m) <= hi + 1e-9]
+            if len(inside) <= 8:
+                break
+        return inside
+    return [t for t in nice_ticks(lo, hi) if lo <= t <= hi]  # nice_ticks may overshoot the range
 
 
 def line_plot(
