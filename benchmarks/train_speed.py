@@ -186,6 +186,9 @@ VQ_SETTINGS = [
               gan=False, round4=True),
     VQSetting("round 4 architecture: decoder-only 96 px bf16 channels_last b8 + GAN (its next phase)", bf16=True,
               channels_last=True, decoder_only=True, round4=True),
+    VQSetting("round 4 architecture: 96 px bf16 b8, no GAN (NCHW)", bf16=True, gan=False, round4=True),
+    VQSetting("round 4 architecture: decoder-only 96 px bf16 b8 + GAN (NCHW)", bf16=True, decoder_only=True,
+              round4=True),
 ]
 UNET_SETTINGS = [
     UNetSetting("fp32 (stage 2/4 config)"),
