@@ -5,7 +5,8 @@
 
 Reads the run's `metrics.jsonl` (the validation rows the training loop writes every `val_every` steps: monitoring
 tiles, nothing is chosen from them) and its export's `samples_seen` and `step` (tiles per optimizer step over all
-processes; `--prior-samples`: tiles seen by the runs this one continued from, 0 for a run from scratch). Fits SSIM = a + b * log10(samples) to the points from `--fit-from` samples on and reports where that
+processes; `--prior-samples`: tiles seen by the runs this one continued from, 0 for a run from scratch).
+Fits SSIM = a + b * log10(samples) to the points from `--fit-from` samples on and reports where that
 line would cross `--target`: a rough extrapolation (curves flatten), printed as such, not a promise.
 """
 

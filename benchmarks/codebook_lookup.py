@@ -25,22 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from histosynth.autoencoder.vqgan import VQGAN, VQGANConfig, nearest_codes  # noqa: E402
+from histosynth.autoencoder.vqgan import VQGAN, VQGANConfig, conv_nearest_codes, nearest_codes  # noqa: E402
 from histosynth.configio import from_dict  # noqa: E402
 from histosynth.evaluate.features import list_images, select_files  # noqa: E402
 from histosynth.runtime.weights import load_checkpoint, load_state_dict  # noqa: E402
-
-
-def conv_indices(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Nearest codes as one (N, K, h, w) 1x1 convolution of distances (the ONNX formulation)."""
-    dots = F.conv2d(latents, codebook[:, :, None, None])
-    return (codebook.pow(2).sum(dim=1)[None, :, None, None] - 2.0 * dots).argmin(dim=1)
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -66,11 +59,11 @@ def measure(ckpt: Path, files: list[Path], repeats: int) -> dict:
         codebook = model.quantizer.embedding.weight.float()
         exact = nearest_codes(latents, codebook)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = conv_indices(latents, codebook)
+            bf16 = conv_nearest_codes(latents, codebook)
             latents_bf16 = torch.cat([model.encode(x[i:i + 32]) for i in range(0, len(x), 32)]).float()
         bf16_encoder = nearest_codes(latents_bf16, codebook)
         batch = latents[:8]
-        conv_ms = _median_ms(lambda: conv_indices(batch, codebook), repeats)
+        conv_ms = _median_ms(lambda: conv_nearest_codes(batch, codebook), repeats)
         blocks_ms = _median_ms(lambda: nearest_codes(batch, codebook), repeats)
     return {"checkpoint": str(ckpt), "codebook": [config.codebook_size, config.codebook_dim], "tiles": len(files),
             "wrong_codes_under_bf16": float((bf16 != exact).float().mean()),

@@ -9,9 +9,9 @@ wherever its step count stands):
 1. **VQ-GAN** from `--vqgan-init` (default `weights/pcam96/training/vqgan.safetensors`; round 4's larger
    autoencoder is `weights/pcam96/next/vqgan-v2.safetensors`), with the losses and schedule of `--vqgan-config`
    (default `configs/pcam96/vqgan-decoder.yaml`, the GAN phase; `configs/pcam96/vqgan-v2.yaml` continues round 4's
-   reconstruction phase), GPU sizes and the checkpoint's own architecture: `--vqgan decoder` sharpens the decoder only (the latent space, hence the
-   shipped UNet, stays valid); `--vqgan all` trains encoder and decoder on, which moves the latent space: the cLDM
-   then re-adapts below.
+   reconstruction phase), GPU sizes and the checkpoint's own architecture: `--vqgan decoder` sharpens the decoder
+   only (the latent space, hence the shipped UNet, stays valid); `--vqgan all` trains encoder and decoder on, which
+   moves the latent space: the cLDM then re-adapts below.
 2. **Encode** the tiles with it (a fresh latent cache).
 3. **cLDM** from `--unet-init` (default the shipped `weights/pcam96/unet.safetensors`; weights whose shapes differ,
    e.g. the input and output convolutions when the VQ-GAN has another number of latent channels, start fresh;

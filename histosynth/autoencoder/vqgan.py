@@ -238,6 +238,12 @@ def nearest_codes(latents: torch.Tensor, codebook: torch.Tensor, block: int | No
     return out.view(n, h, w)
 
 
+def conv_nearest_codes(latents: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """`nearest_codes` as the ONNX export traces it: one (N, K, h, w) 1x1 convolution of scores, then ArgMin."""
+    dots = F.conv2d(latents, codebook[:, :, None, None])  # (N, K, h, w)
+    return (codebook.pow(2).sum(dim=1)[None, :, None, None] - 2.0 * dots).argmin(dim=1)  # (N, h, w)
+
+
 class QuantizerOutput(NamedTuple):
     """What `VectorQuantizer.forward` returns (a NamedTuple so DDP and tracing see plain tensors)."""
 
@@ -279,12 +285,7 @@ class VectorQuantizer(nn.Module):
         `nearest_codes` finds the same codes in fp32 blocks, also under bf16 autocast.
         """
         codebook = self.embedding.weight  # (K, D)
-        if _exporting():
-            dots = F.conv2d(latents, codebook[:, :, None, None])  # (N, K, h, w)
-            scores = codebook.pow(2).sum(dim=1)[None, :, None, None] - 2.0 * dots
-            indices = scores.argmin(dim=1)  # (N, h, w)
-        else:
-            indices = nearest_codes(latents, codebook)
+        indices = conv_nearest_codes(latents, codebook) if _exporting() else nearest_codes(latents, codebook)
         codes = self.embedding(indices).permute(0, 3, 1, 2)  # (N, D, h, w)
         return codes, indices
 
