@@ -271,3 +271,32 @@ def test_threads_option_applies_during_training_and_is_restored(cache, tmp_path,
         torch.set_num_threads(before)
     with pytest.raises(InputError, match="threads"):
         from_dict(T.LDMTrainConfig, {"latents": "cache", "threads": -1}, "ldm")
+
+
+def test_compile_option_compiles_the_step_and_keeps_checkpoints_plain(cache, tmp_path, monkeypatch):
+    # `compile: true` must reach torch.compile and leave the checkpoint and export keys as an eager run writes
+    # them (a compiled UNet's state dict would carry `_orig_mod.`). aot_eager traces forward and backward as
+    # inductor does, without a C++ compiler, so the test stays quick.
+    compiled: list[torch.nn.Module] = []
+    real_compile = torch.compile
+
+    def recording_compile(module, **kw):
+        compiled.append(module)
+        return real_compile(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    eager = T.train_ldm(_config(steps=4, sample_count=0, checkpoint_every=2), tmp_path / "eager", progress=False)
+    assert compiled == []
+    fast = T.train_ldm(_config(steps=4, sample_count=0, checkpoint_every=2, compile=True, autocast="bf16"),
+                       tmp_path / "compiled", progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], T.DiffusionObjective)
+    assert np.isfinite(fast.final_loss)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(latest_checkpoint(tmp_path / "compiled" / T.CHECKPOINT_DIR))))
+    assert keys == set(load_file(str(latest_checkpoint(tmp_path / "eager" / T.CHECKPOINT_DIR))))
+    assert set(load_checkpoint(fast.unet)[0]) == set(load_checkpoint(eager.unet)[0])
+    # and it resumes from its own checkpoint
+    again = T.train_ldm(_config(steps=6, sample_count=0, checkpoint_every=2, compile=True, autocast="bf16"),
+                        tmp_path / "compiled", progress=False)
+    assert again.resumed_from == 4 and again.steps == 6

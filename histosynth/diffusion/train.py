@@ -98,6 +98,10 @@ class LDMTrainConfig:
     # alternative is a cache encoded with `train encode --dihedral` (8 encoder-made views per tile)
     autocast: Literal["none", "bf16"] = "none"  # bf16 autocast of the UNet forward (CPU AMX/AVX512-BF16, CUDA);
     # weights, optimizer and loss stay fp32. ~1.5x the steps/s of fp32 on an AMX CPU (benchmarks/train_speed.py)
+    compile: bool = False  # torch.compile the training step's forward (UNet + loss): 1.20x the bf16 UNet's
+    # latents/s on this project's 2-core CPU after about a minute of compilation (docs/benchmarks.md), so it pays
+    # for runs of hours; checkpoints are unchanged (the UNet itself is not wrapped), but inductor's kernels round
+    # differently, so a compiled run does not reproduce an eager one bit for bit
     seed: int = 0
     log_every: int = 25  # steps between JSONL log records
     checkpoint_every: int = 500  # steps between resume checkpoints (one is always written at the end)
@@ -330,6 +334,10 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
     else:
         seed_everything(config.seed, info.rank)
     model = dist.wrap_ddp(objective, info)
+    if config.compile:
+        # The DDP wrapper is compiled, not the UNet: dynamo then splits the graph at DDP's gradient buckets, and
+        # state dicts, the EMA and the exports keep their plain keys (no `_orig_mod.` prefix).
+        model = torch.compile(model)
 
     meta = {"config": to_dict(config), "kind": kind, "num_classes": model_config.num_classes}
     logger = MetricsLogger(run_dir / LOG_FILE, resume_step=resumed_from)
