@@ -2,6 +2,10 @@
 # The measured results of weights/pcam96/MODEL_CARD.md, from the shipped bundle and its training artefacts.
 #   bash benchmarks/pcam96_eval.sh [OUT] [STEP...]   (default OUT=runs/pcam96/eval2; needs ../shared/data and
 #                                                   `pip install -e ".[metrics]"` for the Inception network)
+# BUNDLE=DIR measures another bundle (default weights/pcam96; a candidate before it replaces the shipped one), with
+# its full VQ-GAN at VQGAN (default BUNDLE/training/vqgan.safetensors) and label map at LABEL_MAP. The control judge
+# (JUDGE_VQGAN + JUDGE_HEAD: the encoder the classes were clustered with and its IMC head) stays fixed across
+# bundles so that controllability is comparable between rounds.
 # Writes JSON per metric into OUT. The validation tiles (pcam/valid) are only measured: nothing here chooses
 # anything from them. Steps: budget control memorization downstream speed (default: all).
 set -euo pipefail
@@ -9,8 +13,12 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/pcam96/eval2}
 shift || true
 STEPS=${*:-budget control memorization downstream speed}
-B=weights/pcam96
+B=${BUNDLE:-weights/pcam96}
 T=$B/training
+VQGAN=${VQGAN:-$T/vqgan.safetensors}
+LABEL_MAP=${LABEL_MAP:-$T/label_map.yaml}
+JUDGE_VQGAN=${JUDGE_VQGAN:-$T/vqgan.safetensors}
+JUDGE_HEAD=${JUDGE_HEAD:-$T/imc_head.safetensors}
 DATA=../shared/data/pcam
 mkdir -p "$OUT"
 machine="$(uname -m), $(nproc --all) CPU cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(python -c 'import torch; print("torch", torch.__version__)')"
@@ -36,7 +44,7 @@ fi
 #    1,000 compares with round 2's table and the FID curves, 2,907 is every validation tile, the issue's n).
 #    Writes budget-n<N>.json.
 if has budget; then
-  histosynth evaluate recon --tiles $DATA/valid --vqgan "$T/vqgan.safetensors" --bundle $B --write "$OUT/recon" \
+  histosynth evaluate recon --tiles $DATA/valid --vqgan "$VQGAN" --bundle "$B" --write "$OUT/recon" \
     --json "$OUT/recon.json"
   for n in ${BUDGET_N:-1000 2907}; do
     histosynth evaluate budget --real $DATA/valid --train $DATA/train --reconstructions "$OUT/recon" \
@@ -56,13 +64,13 @@ balanced: {per_class: 100}
 sampler: {name: dpmpp2m, steps: 20, guidance: $g.0}
 EOF
     histosynth generate --recipe "$OUT/control-recipe-g$g.yaml" --out "$OUT/control-g$g"
-    python - "$T/label_map.yaml" "$OUT/class_to_label.yaml" <<'EOF'
+    python - "$LABEL_MAP" "$OUT/class_to_label.yaml" <<'EOF'
 import sys, yaml
 classes = yaml.safe_load(open(sys.argv[1]))["classes"]
 yaml.safe_dump({c["name"]: int(c["label"]) for c in classes}, open(sys.argv[2], "w"))
 EOF
-    histosynth evaluate control --samples "$OUT/control-g$g" --vqgan "$T/vqgan.safetensors" \
-      --head "$T/imc_head.safetensors" --labels "$T/label_map.yaml" --real $DATA/train \
+    histosynth evaluate control --samples "$OUT/control-g$g" --vqgan "$JUDGE_VQGAN" \
+      --head "$JUDGE_HEAD" --labels "$LABEL_MAP" --real $DATA/train \
       --real-labels $DATA/train_labels.csv --class-map "$OUT/class_to_label.yaml" \
       --png "$OUT/control-g$g.png" --json "$OUT/control-g$g.json"
   done
@@ -85,6 +93,6 @@ fi
 if has speed; then
   rm -rf "$OUT/readme-main"
   /usr/bin/time -f "%e s" -o "$OUT/readme_main_time.txt" \
-    histosynth generate --recipe recipes/balanced.yaml --out "$OUT/readme-main"
+    histosynth generate --recipe recipes/balanced.yaml --bundle "$B" --out "$OUT/readme-main"
 fi
 echo "results in $OUT"
