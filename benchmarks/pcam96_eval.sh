@@ -4,8 +4,8 @@
 #                                                   `pip install -e ".[metrics]"` for the Inception network)
 # BUNDLE=DIR measures another bundle (default weights/pcam96; a candidate before it replaces the shipped one), with
 # its full VQ-GAN at VQGAN (default BUNDLE/training/vqgan.safetensors) and label map at LABEL_MAP. The control judge
-# (JUDGE_VQGAN + JUDGE_HEAD: the encoder the classes were clustered with and its IMC head) stays fixed across
-# bundles so that controllability is comparable between rounds.
+# (JUDGE_VQGAN + JUDGE_HEAD, default weights/pcam96/training/clustering/: the round-1 encoder the classes were
+# clustered with and its IMC head) stays fixed across bundles so that controllability is comparable between rounds.
 # Writes JSON per metric into OUT. The validation tiles (pcam/valid) are only measured: nothing here chooses
 # anything from them. Steps: budget control memorization downstream speed (default: all).
 set -euo pipefail
@@ -17,8 +17,8 @@ B=${BUNDLE:-weights/pcam96}
 T=$B/training
 VQGAN=${VQGAN:-$T/vqgan.safetensors}
 LABEL_MAP=${LABEL_MAP:-$T/label_map.yaml}
-JUDGE_VQGAN=${JUDGE_VQGAN:-$T/vqgan.safetensors}
-JUDGE_HEAD=${JUDGE_HEAD:-$T/imc_head.safetensors}
+JUDGE_VQGAN=${JUDGE_VQGAN:-weights/pcam96/training/clustering/vqgan.safetensors}
+JUDGE_HEAD=${JUDGE_HEAD:-weights/pcam96/training/clustering/imc_head.safetensors}
 DATA=../shared/data/pcam
 mkdir -p "$OUT"
 machine="$(uname -m), $(nproc --all) CPU cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(python -c 'import torch; print("torch", torch.__version__)')"

@@ -6,10 +6,11 @@
 What it does, each stage with its own share of the time (`time_limit_s`: a stage stops, checkpoints and exports
 wherever its step count stands):
 
-1. **VQ-GAN** from `--vqgan-init` (default `weights/pcam96/training/vqgan.safetensors`; round 4's larger
-   autoencoder is `weights/pcam96/next/vqgan-v2.safetensors`), with the losses and schedule of `--vqgan-config`
-   (default `configs/pcam96/vqgan-decoder.yaml`, the GAN phase; `configs/pcam96/vqgan-v2.yaml` continues round 4's
-   reconstruction phase), GPU sizes and the checkpoint's own architecture: `--vqgan decoder` sharpens the decoder
+1. **VQ-GAN** from `--vqgan-init` (default `weights/pcam96/training/vqgan.safetensors`, the shipped round-4
+   VQ-GAN after its GAN phase; its reconstruction-phase export is `weights/pcam96/next/vqgan-v2.safetensors`), with
+   the losses and schedule of `--vqgan-config` (default `configs/pcam96/vqgan-v2-decoder.yaml`, the GAN phase;
+   `configs/pcam96/vqgan-v2.yaml` continues the reconstruction phase), GPU sizes and the checkpoint's own
+   architecture: `--vqgan decoder` sharpens the decoder
    only (the latent space, hence the shipped UNet, stays valid); `--vqgan all` trains encoder and decoder on, which
    moves the latent space: the cLDM then re-adapts below.
 2. **Encode** the tiles with it (a fresh latent cache).
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--vqgan-share", type=float, default=0.4, help="share of the time for the VQ-GAN")
     ap.add_argument("--vqgan-init", type=Path, default=TRAINING / "vqgan.safetensors",
                     help="VQ-GAN export to continue (its architecture is used)")
-    ap.add_argument("--vqgan-config", type=Path, default=ROOT / "configs" / "pcam96" / "vqgan-decoder.yaml",
+    ap.add_argument("--vqgan-config", type=Path, default=ROOT / "configs" / "pcam96" / "vqgan-v2-decoder.yaml",
                     help="training config whose losses and schedule the VQ-GAN stage uses")
     ap.add_argument("--unet-init", default=str(SHIPPED / "unet.safetensors"),
                     help="UNet export to continue (shape-matching weights are copied), or 'none'")

@@ -2,7 +2,8 @@
 
     python configs/pcam96/clusters_from_head.py runs/pcam96/latents runs/pcam96/clusters
 
-`histosynth cluster` chose K = 2 in the first round and its head (`weights/pcam96/training/imc_head.safetensors`)
+`histosynth cluster` chose K = 2 in the first round and its head
+(`weights/pcam96/training/clustering/imc_head.safetensors`, fitted on the round-1 encoder's latents)
 and `cluster.json` were committed; its per-tile `assignments.csv` was not (it is rebuilt in a second). This writes
 exactly what `histosynth cluster` wrote for that head: `cluster.json` (the committed one) and `assignments.csv`
 (tile, cluster = the head's argmax, probability = its softmax maximum, distance = the Euclidean distance of the
@@ -29,7 +30,9 @@ from histosynth.autoencoder.latents import LatentCache  # noqa: E402
 from histosynth.clusters.features import latent_features  # noqa: E402
 from histosynth.clusters.imc import IMCHead  # noqa: E402
 
-TRAINING = ROOT / "weights" / "pcam96" / "training"
+# The clustering stage's artefacts; since round 4 the bundle's own VQ-GAN has another latent space, so they live
+# beside the round-1-encoder VQ-GAN they were fitted on (clustering/vqgan.safetensors), not the bundle's.
+TRAINING = ROOT / "weights" / "pcam96" / "training" / "clustering"
 
 
 def main() -> None:

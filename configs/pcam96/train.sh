@@ -75,8 +75,24 @@ cp $R/vqgan-dec/vqgan.safetensors weights/pcam96/training/
 torchrun --nproc_per_node 2 -m histosynth train vqgan --config configs/pcam96/vqgan-v2.yaml --run-dir $R/vqgan-v2 \
   --steps 7006
 mkdir -p weights/pcam96/next && cp $R/vqgan-v2/vqgan.safetensors weights/pcam96/next/vqgan-v2.safetensors
-# Next (prepared, not run yet): encode with its frozen encoder, then its decoder's GAN phase and the cLDM on the
-# 4-channel latents side by side, one process per core; then export as a new weights/pcam96.
-#   histosynth train encode --vqgan weights/pcam96/next/vqgan-v2.safetensors --data $DATA/train --out $R/latents-v2 --batch-size 128
-#   histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder.yaml --run-dir $R/vqgan-v2-dec &
-#   histosynth train cldm --config configs/pcam96/cldm-v2.yaml --run-dir $R/cldm-v2 &
+# ---- Round 4, second part (2026-11-30, fourth session): the tiles encoded once with the frozen round-4 encoder;
+# then the decoder's GAN phase (encoder and codebook frozen: the latents stay valid) and the cLDM on the 4-channel
+# latents side by side, one single-thread process per core, each stopped by hand after its checkpoint at the step
+# given here (`--steps` with that step then writes the EMA export and the sample check without training).
+histosynth train encode --vqgan weights/pcam96/next/vqgan-v2.safetensors --data $DATA/train --out $R/latents-v2 \
+  --batch-size 128
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder.yaml --run-dir $R/vqgan-v2-dec --steps 6250 &
+histosynth train cldm --config configs/pcam96/cldm-v2.yaml --run-dir $R/cldm-v2 --steps 16500 &
+wait
+# The round-4 bundle replaces round 3's. Its VQ-GAN has another latent space, so the clustering stage's artefacts
+# (the IMC head, validity indices, contact sheets) move to training/clustering/ beside the round-3 VQ-GAN whose
+# (round-1) encoder they were fitted on: `evaluate control` judges generated tiles with that pair.
+if [ ! -d weights/pcam96/training/clustering ]; then
+  mkdir -p weights/pcam96/training/clustering
+  (cd weights/pcam96/training && mv vqgan.safetensors imc_head.safetensors imc_head.json cluster.json cluster_0.png \
+     cluster_1.png validity.csv validity.png clustering/)
+fi
+histosynth export --vqgan $R/vqgan-v2-dec/vqgan.safetensors --unet $R/cldm-v2/unet.safetensors \
+  --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
+  --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
+cp $R/vqgan-v2-dec/vqgan.safetensors weights/pcam96/training/
