@@ -6,7 +6,7 @@
         --point 144000=weights/pcam96/unet.safetensors --point 208000=runs/.../checkpoints/step-00002000.safetensors ...
     python benchmarks/fid_curve.py plot --json A.json --json B.json --png curve.png
 
-`--point SAMPLES=PATH`: the checkpoint and the number of training samples (tiles or latents) the network had seen
+`--label NAME` names the curve in the plot (several architectures of one network). `--point SAMPLES=PATH`: the checkpoint and the number of training samples (tiles or latents) the network had seen
 when it was written, counted over every round of training. A checkpoint is a VQ-GAN export (`vqgan`), or a UNet
 export or resume checkpoint whose EMA weights are used (`cldm`).
 
@@ -107,7 +107,7 @@ def cldm_point(path: Path, vqgan: Path, n: int, out: Path, latent_scale: float, 
     with torch.no_grad():
         for start in range(0, n, 50):
             b = min(50, n - start)
-            noise = torch.randn((b, 3, 24, 24), generator=g)
+            noise = torch.randn((b, unet.config.in_channels, 24, 24), generator=g)  # 96-px tiles, f = 4
             ids = (torch.arange(start, start + b) % k) if k else torch.zeros(b, dtype=torch.long)
             lat = sample(lambda x, t, y: unet(x, t, y), schedule, noise, ids, sampler="dpmpp2m", steps=20)
             y = decoder(lat / latent_scale).clamp(-1, 1)
@@ -122,7 +122,7 @@ def plot(jsons: list[Path], png: Path) -> None:
     series = {}
     for p in jsons:
         d = json.loads(p.read_text())
-        series[f"{d['kind']} (n={d['n']})"] = ([r["samples"] / 1000 for r in d["points"]],
+        series[d.get("label") or f"{d['kind']} (n={d['n']})"] = ([r["samples"] / 1000 for r in d["points"]],
                                                [r["fid"] for r in d["points"]], None)
     line_plot(series, png, title="FID against training samples", xlabel="training samples (thousands)",
               ylabel="FID vs pcam/valid")
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, action="append", default=[])
     ap.add_argument("--png", type=Path)
+    ap.add_argument("--label", default=None, help="the curve's name in the plot (default: kind and n)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.kind == "plot":
@@ -164,7 +165,7 @@ def main() -> None:
         records.append({"samples": samples, "checkpoint": str(path), "fid": m.fid, "kid": m.kid_mean,
                         "precision": m.precision, "recall": m.recall, "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(records[-1]), file=sys.stderr, flush=True)
-    result = {"kind": args.kind, "n": len(files), "real": str(args.real), "points": records,
+    result = {"kind": args.kind, "label": args.label, "n": len(files), "real": str(args.real), "points": records,
               "machine": f"{__import__('platform').machine()}, {__import__('os').cpu_count()} CPU cores, torch "
                          f"{torch.__version__}"}
     print(json.dumps(result, indent=2))
