@@ -320,6 +320,18 @@ def test_export_from_checkpoints_takes_facts_from_metadata(tmp_path: Path) -> No
     assert report.unet_max_abs_diff <= 1e-3 and report.decoder_max_abs_diff <= 1e-3
 
 
+def test_export_keeps_the_training_count_in_the_bundle_weights(tmp_path: Path) -> None:
+    """A round that continues from the bundle's unet.safetensors must find how much training it had seen."""
+    vq, un, labels = _checkpoints(tmp_path, {"kind": "cldm", "step": 40, "samples_seen": 1280, "latent_scale": 1.5,
+                                             "class_names": ["stroma", "tumour"]})
+    report = export_from_checkpoints(vq, un, labels, tmp_path / "bundle")
+    assert read_checkpoint_metadata(report.path / "unet.safetensors")[1] == {"kind": "unet", "step": 40,
+                                                                             "samples_seen": 1280}
+    decoder_extra = read_checkpoint_metadata(report.path / "decoder.safetensors")[1]
+    assert decoder_extra["step"] == 100 and "samples_seen" not in decoder_extra  # not recorded by the VQ-GAN here
+    assert load_bundle(report.path).manifest.provenance.extra["samples_seen"] == {"ldm": 1280}
+
+
 def test_export_from_checkpoints_errors(tmp_path: Path) -> None:
     vq, un, labels = _checkpoints(tmp_path, {"kind": "unet"})
     with pytest.raises(InputError, match="--latent-scale"):

@@ -185,6 +185,12 @@ def _check_target(out: Path, overwrite: bool) -> set[str] | None:
     return bundle_owned_files(out)
 
 
+def _facts(step: Optional[int], samples_seen: Optional[int]) -> dict[str, int]:
+    """`step` and `samples_seen` for a weights file's metadata, where known."""
+    facts = {"step": step, "samples_seen": samples_seen}
+    return {k: int(v) for k, v in facts.items() if v is not None}
+
+
 def export_bundle(
     vqgan: VQGAN | LatentDecoder,
     unet: UNet,
@@ -286,9 +292,14 @@ def export_bundle(
     tmp.mkdir()
     try:
         stage("saving weights")
-        save_checkpoint(unet_cpu, tmp / UNET_WEIGHTS, manifest.unet, {"kind": "unet"})
+        # Each weights file keeps its training count, so that a later round that continues from the bundle
+        # (`init_from: weights/.../unet.safetensors`) carries the compute ledger on.
+        seen = provenance.extra.get("samples_seen") or {}
+        save_checkpoint(unet_cpu, tmp / UNET_WEIGHTS, manifest.unet,
+                        {"kind": "unet", **_facts(provenance.steps.get("ldm"), seen.get("ldm"))})
         save_checkpoint(decoder_cpu.latent_decoder, tmp / DECODER_WEIGHTS, manifest.vqgan,
-                        {"kind": "decoder", "latent_scale": float(latent_scale)})
+                        {"kind": "decoder", "latent_scale": float(latent_scale),
+                         **_facts(provenance.steps.get("vqgan"), seen.get("vqgan"))})
 
         # Random inputs for export tracing and the parity check (batch 2, the null class included).
         gen = torch.Generator().manual_seed(seed)
@@ -411,10 +422,13 @@ def export_from_checkpoints(
     schedule = from_dict(ScheduleConfig, unet_extra.get("schedule", {}), f"{unet_ckpt}: extra.schedule")
     steps = {name: int(extra["step"]) for name, extra in (("vqgan", vq_extra), ("ldm", unet_extra))
              if isinstance(extra.get("step"), int)}
+    seen = {name: int(extra["samples_seen"]) for name, extra in (("vqgan", vq_extra), ("ldm", unet_extra))
+            if isinstance(extra.get("samples_seen"), int)}
     provenance = Provenance(
         data=str(_pick("data", data, unet_extra, vq_extra) or ""),
         steps=steps,
-        extra={**labels.extra, "checkpoints": {"vqgan": Path(vqgan_ckpt).name, "unet": Path(unet_ckpt).name}},
+        extra={**labels.extra, "checkpoints": {"vqgan": Path(vqgan_ckpt).name, "unet": Path(unet_ckpt).name},
+               **({"samples_seen": seen} if seen else {})},
     )
     return export_bundle(
         decoder, unet, out_dir,
