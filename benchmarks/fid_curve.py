@@ -6,6 +6,8 @@
         --point 144000=weights/pcam96/unet.safetensors --point 208000=runs/.../checkpoints/step-00002000.safetensors ...
     python benchmarks/fid_curve.py plot --json A.json --json B.json --png curve.png
 
+`--select-real DIR` scores each point against `--n` tiles of DIR too (`select_fid`, ...): use the training tiles
+there, and choose between checkpoints by those numbers; `--real` (validation tiles) is monitoring only.
 `--label NAME` names the curve in the plot (several architectures of one network). `--point SAMPLES=PATH`: the checkpoint and the number of training samples (tiles or latents) the network had seen
 when it was written, counted over every round of training. A checkpoint is a VQ-GAN export (`vqgan`), or a UNet
 export or resume checkpoint whose EMA weights are used (`cldm`).
@@ -124,8 +126,9 @@ def plot(jsons: list[Path], png: Path) -> None:
         d = json.loads(p.read_text())
         series[d.get("label") or f"{d['kind']} (n={d['n']})"] = ([r["samples"] / 1000 for r in d["points"]],
                                                [r["fid"] for r in d["points"]], None)
+    # Log x: the autoencoder sees ~10^5 tiles, the diffusion model up to ~10^7 latents.
     line_plot(series, png, title="FID against training samples", xlabel="training samples (thousands)",
-              ylabel="FID vs pcam/valid")
+              ylabel="FID vs pcam/valid", log_x=True, size=(760, 440))
 
 
 def main() -> None:
@@ -139,6 +142,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, action="append", default=[])
     ap.add_argument("--png", type=Path)
+    ap.add_argument("--select-real", type=Path, default=None,
+                    help="also score each point against --n tiles of this folder (training tiles: what a choice "
+                         "between checkpoints may use; --real is monitoring only)")
     ap.add_argument("--label", default=None, help="the curve's name in the plot (default: kind and n)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -148,6 +154,8 @@ def main() -> None:
     files = select_files(list_images(args.real), args.n, args.seed)
     net = load_inception()
     real = folder_features(args.real, net, max_images=args.n, seed=args.seed).features
+    select = (folder_features(args.select_real, net, max_images=args.n, seed=args.seed).features
+              if args.select_real is not None else None)
     scale = args.latent_scale
     if scale is None:
         scale = json.loads((ROOT / "weights" / "pcam96" / "manifest.json").read_text())["latent_scale"]
@@ -164,8 +172,12 @@ def main() -> None:
         m = compare_features(real, fake, seed=args.seed)
         records.append({"samples": samples, "checkpoint": str(path), "fid": m.fid, "kid": m.kid_mean,
                         "precision": m.precision, "recall": m.recall, "seconds": round(time.perf_counter() - t0, 1)})
+        if select is not None:
+            ms = compare_features(select, fake, seed=args.seed)
+            records[-1].update(select_fid=ms.fid, select_precision=ms.precision, select_recall=ms.recall)
         print(json.dumps(records[-1]), file=sys.stderr, flush=True)
-    result = {"kind": args.kind, "label": args.label, "n": len(files), "real": str(args.real), "points": records,
+    result = {"kind": args.kind, "label": args.label, "n": len(files), "real": str(args.real),
+              "select_real": str(args.select_real) if args.select_real is not None else None, "points": records,
               "machine": f"{__import__('platform').machine()}, {__import__('os').cpu_count()} CPU cores, torch "
                          f"{torch.__version__}"}
     print(json.dumps(result, indent=2))

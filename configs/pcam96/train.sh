@@ -96,3 +96,27 @@ histosynth export --vqgan $R/vqgan-v2-dec/vqgan.safetensors --unet $R/cldm-v2/un
   --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
   --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
 cp $R/vqgan-v2-dec/vqgan.safetensors weights/pcam96/training/
+# ---- Round 5 (2026-11-30, fifth session; issue 8): a lent H200 for 15 minutes, on the cLDM. The device sees only the
+# checkout (<= 64 MiB), so the round-4 latent cache travels packed in 8 bits; configs/gpu/round.py ran twice there
+# (`carry: [gpu-pack]`; logs in weights/pcam96/eval/round5/gpu/), and the fp16 exports came back to $R/gpu5/:
+python configs/gpu/pack.py gpu-pack --latents $R/latents-v2
+#   python3 configs/gpu/round.py /tmp/round --keep $OUT --latents-pack gpu-pack --minutes 8.0 \
+#     --cldm-config configs/pcam96/cldm-v2.yaml --cldm-config configs/pcam96/cldm-v3-mid.yaml \
+#     --cldm-config configs/pcam96/cldm-v3-wide.yaml                       # -> $R/gpu5/round-a
+#   python3 configs/gpu/round.py /tmp/round2 --keep $OUT --latents-pack gpu-pack --minutes 4.6 \
+#     --cldm-config configs/pcam96/cldm-v2.yaml --unet-init gpu-pack2/cldm-v2-unet.safetensors   # round a's; -> round-b
+# The bundle's unet.safetensors that round a continued had lost its training count (fixed in `histosynth export`
+# since): round 4's 528,000 latents are added back to what the GPU rounds recorded.
+python - <<'PY'
+from histosynth.runtime.weights import load_checkpoint, save_checkpoint
+state, config, extra = load_checkpoint("runs/pcam96/gpu5/round-b/cldm-v2-unet.safetensors")
+extra["samples_seen"] += 528000
+save_checkpoint(state, "runs/pcam96/gpu5/cldm-v2-r5.safetensors", config, extra)
+PY
+# Chosen by FID against 1,000 *training* tiles (benchmarks/fid_curve.py --select-real; the validation FIDs beside
+# them are monitoring): the continued 2.7 M UNet (65.6) over the fresh 4.95 M (78.6) and 7.3 M ones.
+histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet $R/gpu5/cldm-v2-r5.safetensors \
+  --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
+  --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
+# Then, on the CPU, the decoder's GAN phase went on from the shipped VQ-GAN (a new discriminator):
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r5.yaml --run-dir $R/vqgan-v2-dec-r5

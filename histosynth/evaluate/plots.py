@@ -71,10 +71,12 @@ def line_plot(
 ) -> Path:
     """Write a line plot: ``series[name] = (xs, ys, errors or None)``; error bars are +- errors."""
     width, height = size
-    left, right, top, bottom = 70, 150, 36, 50
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     font = _font()
+    # The legend sits right of the plot: wide enough for its longest name.
+    legend = max((draw.textlength(name, font=font) for name in series), default=0)
+    left, right, top, bottom = 70, max(150, 46 + int(legend)), 36, 50
     xs_all = [x for xs, _, _ in series.values() for x in xs]
     ys_all = [y + s * e for _, ys, es in series.values() for y, e in zip(ys, es or [0] * len(ys)) for s in (-1, 1)]
     ys_all = [y for y in ys_all if math.isfinite(y)]
