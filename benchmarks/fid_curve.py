@@ -8,7 +8,9 @@
 
 `--select-real DIR` scores each point against `--n` tiles of DIR too (`select_fid`, ...): use the training tiles
 there, and choose between checkpoints by those numbers; `--real` (validation tiles) is monitoring only.
-`--label NAME` names the curve in the plot (several architectures of one network). `--point SAMPLES=PATH`: the checkpoint and the number of training samples (tiles or latents) the network had seen
+`--label NAME` names the curve in the plot (several architectures of one network).
+
+`--point SAMPLES=PATH`: the checkpoint and the number of training samples (tiles or latents) the network had seen
 when it was written, counted over every round of training. A checkpoint is a VQ-GAN export (`vqgan`), or a UNet
 export or resume checkpoint whose EMA weights are used (`cldm`).
 

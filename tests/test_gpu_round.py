@@ -127,7 +127,7 @@ def test_round_from_a_latent_pack_trains_configs_side_by_side(tmp_path: Path, pc
         state, config, extra = load_checkpoint(keep / f"{name}-unet.safetensors")
         assert config["base_channels"] == width and config["in_channels"] == 4
         assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
-        assert extra["step"] >= 1
+        assert extra["step"] >= 1 and extra["dtype"] == "float16"
     with tarfile.open(keep / "logs.tar.gz") as tar:
         names = tar.getnames()
     assert "cldm-v2/metrics.jsonl" in names and "small/metrics.jsonl" in names

@@ -53,7 +53,7 @@ from histosynth.autoencoder.train import load_train_config, train_vqgan  # noqa:
 from histosynth.autoencoder.vqgan import VQGANConfig  # noqa: E402
 from histosynth.configio import from_dict, load  # noqa: E402
 from histosynth.diffusion.train import LDMTrainConfig, train_cldm  # noqa: E402
-from histosynth.runtime.weights import load_checkpoint, read_checkpoint_metadata, save_checkpoint  # noqa: E402
+from histosynth.runtime.weights import load_checkpoint, read_checkpoint_metadata, save_export  # noqa: E402
 from pack import unpack_latents  # noqa: E402
 
 SHIPPED = ROOT / "weights" / "pcam96"
@@ -90,7 +90,7 @@ def _vqgan_config(path: Path) -> VQGANConfig:
 
 def _cldm_stage(name: str, config_path: Path, cache: Path, labels: Path, vqgan: Path, init: str | None,
                 device: str, deadline: float, work: Path) -> None:
-    """One cLDM run (its own process), stopped `deadline` seconds after the epoch; failures are printed, not raised."""
+    """One cLDM run (its own process), stopped at wall-clock time `deadline`; failures are printed, not raised."""
     import torch
 
     try:
@@ -128,8 +128,7 @@ def _keep(keep: Path, work: Path, names: list[str], vqgan_path: Path, vqgan_trai
         if export.is_file():
             # fp16 (a 7 M UNet is 29 MB in fp32; the device tool returns files of at most 16 MiB)
             state, config, extra = load_checkpoint(export)
-            save_checkpoint({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
-                            keep / f"{name}-unet.safetensors", config, extra)
+            save_export(state, keep / f"{name}-unet.safetensors", config, extra, dtype="float16")
     with tarfile.open(keep / "logs.tar.gz", "w:gz") as tar:
         for run in [*names, "vqgan"]:
             d = work / run

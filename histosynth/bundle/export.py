@@ -420,10 +420,9 @@ def export_from_checkpoints(
         raise InputError(f"--latent-scale: not recorded in {unet_ckpt}; pass it")
     mpp = _pick("microns_per_pixel", microns_per_pixel, unet_extra, vq_extra)
     schedule = from_dict(ScheduleConfig, unet_extra.get("schedule", {}), f"{unet_ckpt}: extra.schedule")
-    steps = {name: int(extra["step"]) for name, extra in (("vqgan", vq_extra), ("ldm", unet_extra))
-             if isinstance(extra.get("step"), int)}
-    seen = {name: int(extra["samples_seen"]) for name, extra in (("vqgan", vq_extra), ("ldm", unet_extra))
-            if isinstance(extra.get("samples_seen"), int)}
+    stages = (("vqgan", vq_extra), ("ldm", unet_extra))
+    steps = {name: int(extra["step"]) for name, extra in stages if isinstance(extra.get("step"), int)}
+    seen = {name: int(extra["samples_seen"]) for name, extra in stages if isinstance(extra.get("samples_seen"), int)}
     provenance = Provenance(
         data=str(_pick("data", data, unet_extra, vq_extra) or ""),
         steps=steps,

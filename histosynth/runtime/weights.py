@@ -73,14 +73,14 @@ def save_checkpoint(
 
 
 def save_export(
-    module: torch.nn.Module,
+    module: torch.nn.Module | Mapping[str, torch.Tensor],
     path: str | Path,
     config: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
     *,
     dtype: Literal["float16", "float32"] = "float16",
 ) -> Path | None:
-    """Write the small export checkpoint (weights only, floats cast to `dtype`) on rank 0.
+    """Write the small export checkpoint (weights only, floats cast to `dtype`) of a module or state dict on rank 0.
 
     It is this module's format, so `load_checkpoint` and the bundle builder read it; load it into an fp32
     network for further training or encoding (`load_state_dict` casts). Training runs write their EMA
@@ -89,9 +89,10 @@ def save_export(
     if not dist.is_main():
         return None
     torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+    source = dist.unwrap(module).state_dict() if isinstance(module, torch.nn.Module) else module
     state = {
         k: v.detach().to("cpu", torch_dtype) if v.is_floating_point() else v.detach().cpu()
-        for k, v in dist.unwrap(module).state_dict().items()
+        for k, v in source.items()
     }
     return save_checkpoint(state, path, config, {**dict(extra or {}), "dtype": dtype})
 
