@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from histosynth.autoencoder.losses import LeCamEMA
-from histosynth.autoencoder.train import VQGANTrainConfig, load_vqgan, random_crop_pair, train_vqgan
+from histosynth.autoencoder.train import (DISC_EXPORT_NAME, VQGANTrainConfig, load_discriminator, load_vqgan,
+                                         random_crop_pair, train_vqgan)
 from histosynth.autoencoder.vqgan import VQGAN, grow_decoder
 from histosynth.configio import from_dict
 from histosynth.errors import InputError
@@ -121,6 +122,51 @@ def test_decoder_fine_tuning_keeps_the_latent_space(tiles: Path, stage1: Path, t
     assert read_metrics(run_dir / "metrics.jsonl", "val")[-1]["ssim"] > 0
     log = (run_dir / "train.log").read_text()
     assert "train vqgan: started, 8 steps" in log and "finished at step 8 of 8" in log
+
+
+def test_a_frozen_warmup_leaves_the_autoencoder_as_it_was(tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    # Continuing a GAN phase with a new discriminator: while it warms up, the decoder must not drift back towards
+    # the reconstruction-only optimum, so nothing but the discriminator steps.
+    run_dir = tmp_path / "frozen"
+    cfg = _config(tiles, init_from=str(stage1), train_parts="decoder", ema_decay=0.9, disc_start=0,
+                  disc_warmup=4, warmup_freezes_autoencoder=True, steps=4, log_every=2)
+    result = train_vqgan(cfg, run_dir, show_progress=False)
+    before, after = load_file(str(stage1)), load_file(str(result.export_path))
+    weights = [k for k in before if before[k].is_floating_point() and "usage" not in k]
+    assert any(k.startswith("decoder.") for k in weights)
+    assert all(torch.equal(before[k], after[k].to(before[k].dtype)) for k in weights)
+    train = read_metrics(run_dir / "metrics.jsonl", "train")
+    assert len(train) == 2 and all("disc_loss" in r and "gan" not in r for r in train)
+    # Without the option the same warm-up trains the decoder on the reconstruction terms.
+    result = train_vqgan(replace(cfg, warmup_freezes_autoencoder=False), tmp_path / "free", show_progress=False)
+    after = load_file(str(result.export_path))
+    assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in weights if k.startswith("decoder."))
+
+
+def test_a_gan_phase_goes_on_from_its_exported_discriminator(tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    first = _config(tiles, init_from=str(stage1), train_parts="decoder", disc_start=0, steps=3,
+                    loss={"lecam_weight": 0.1}, export_dtype="float32")
+    train_vqgan(first, tmp_path / "a", show_progress=False)
+    saved = load_file(str(tmp_path / "a" / DISC_EXPORT_NAME))
+    assert any(k.startswith("discriminator.") for k in saved) and {"lecam.real", "lecam.fake"} <= set(saved)
+    # The next round's discriminator starts as the saved one, anchors included.
+    nxt = replace(first, disc_init_from=tmp_path / "a" / DISC_EXPORT_NAME)
+    disc = nxt.loss.discriminator.build(3)
+    lecam = LeCamEMA()
+    assert load_discriminator(nxt.disc_init_from, disc, lecam, nxt) == 3
+    assert all(torch.equal(v, saved[f"discriminator.{k}"]) for k, v in disc.state_dict().items())
+    assert lecam.real.item() == saved["lecam.real"].item() != 0
+    train_vqgan(nxt, tmp_path / "b", show_progress=False)
+    # Another discriminator, or a file that is not one, is refused by name.
+    other = _config(tiles, init_from=str(stage1), train_parts="decoder", disc_init_from=str(nxt.disc_init_from),
+                    loss={"discriminator": {"base_channels": 12, "num_layers": 2, "norm_groups": 4}})
+    with pytest.raises(InputError, match="another config"):
+        train_vqgan(other, tmp_path / "c", show_progress=False)
+    with pytest.raises(InputError, match="not a discriminator"):
+        train_vqgan(replace(nxt, disc_init_from=stage1), tmp_path / "d", show_progress=False)
+    # A run whose discriminator never trained writes none.
+    train_vqgan(_config(tiles, steps=2, disc_start=5), tmp_path / "e", show_progress=False)
+    assert not (tmp_path / "e" / DISC_EXPORT_NAME).exists()
 
 
 def test_decoder_fine_tuning_needs_a_checkpoint_and_sane_crops(tiles: Path) -> None:

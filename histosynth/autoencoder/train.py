@@ -16,6 +16,7 @@ is restored).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +51,7 @@ from histosynth.runtime.weights import load_checkpoint, load_state_dict, read_ch
 from histosynth.tiles.dataset import SizePolicy, open_tiles
 
 EXPORT_NAME = "vqgan.safetensors"
+DISC_EXPORT_NAME = "discriminator.safetensors"  # a GAN phase's discriminator, for the next round to go on from
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class VQGANTrainConfig:
     disc_warmup: int = 0  # the discriminator trains alone this many steps before the GAN terms reach the
     # autoencoder: a random discriminator's gradients are noise that undoes reconstruction progress
     gan_ramp: int = 0  # then the GAN and feature-matching terms ramp linearly from 0 to full over this many steps
+    warmup_freezes_autoencoder: bool = False  # during disc_warmup the autoencoder does not step at all. For a GAN
+    # phase continued from a sharpened export with a new discriminator: reconstruction-only steps there undo the
+    # sharpening within a few hundred steps (measured, round 5), so the new discriminator meets the export as it is
     augment: bool = True  # random flips / 90-degree rotations of each tile (histology has no orientation)
     crop_size: int | None = None  # train on random crops of this many px (a multiple of f); None: whole tiles.
     # The networks are fully convolutional, so 48-px crops of 96-px tiles train the same weights at about a
@@ -81,6 +86,9 @@ class VQGANTrainConfig:
     train_parts: Literal["all", "decoder"] = "all"  # "decoder": encoder and codebook frozen (the latent
     # space, hence every diffusion model trained on it, stays valid), only the decoder and discriminator learn
     init_from: Path | None = None  # start from this VQ-GAN export checkpoint (required with train_parts: decoder)
+    disc_init_from: Path | None = None  # start the discriminator (and its LeCam anchors) from a run's
+    # discriminator.safetensors: a GAN phase goes on in a later round from small committed files instead of a
+    # new discriminator. Its Adam state starts afresh: pair it with a short frozen warm-up (see above)
     autocast: Literal["none", "bf16"] = "none"  # bf16 autocast of the forward passes (CPU AMX/AVX512-BF16, CUDA)
     channels_last: bool = False  # NHWC memory layout (pays with bf16 on CPUs with AMX)
     dead_code_every: int = 200  # every M steps re-initialise unused codes from current encoder outputs; 0: never
@@ -473,6 +481,12 @@ class _Run:
                  "samples_seen": self.prior_samples + self.state.step * config.batch_size * self.info.world_size,
                  **({"val": val_metrics} if val_metrics else {})}
         save_export(self.eval_model(), self.export_path, to_dict(config.model), extra, dtype=config.export_dtype)
+        if self.state.step > config.disc_start:  # the discriminator has trained: keep it for the next round
+            state = {f"discriminator.{k}": v for k, v in self.disc.state_dict().items()}
+            if self.loss_fn.lecam is not None:
+                state.update({f"lecam.{k}": v for k, v in self.loss_fn.lecam.state_dict().items()})
+            save_export(state, self.run_dir / DISC_EXPORT_NAME, _disc_config(config),
+                        {"kind": "discriminator", "step": self.state.step}, dtype=config.export_dtype)
 
     def checkpoint(self, val_metrics: dict[str, float] | None) -> None:
         """A resume checkpoint and the export of this step."""
@@ -481,6 +495,30 @@ class _Run:
                                extra_tensors={"usage_ema": self.model.quantizer.usage_ema}, meta=self.meta,
                                keep=self.config.keep_checkpoints)
         self.export(val_metrics)
+
+
+def _disc_config(config: VQGANTrainConfig) -> dict[str, Any]:
+    """What a discriminator export records, and what one must match to be loaded."""
+    return {"discriminator": to_dict(config.loss.discriminator), "in_channels": config.model.in_channels}
+
+
+def load_discriminator(path: str | Path, disc: torch.nn.Module, lecam: torch.nn.Module | None,
+                       config: VQGANTrainConfig) -> int:
+    """Load a run's discriminator.safetensors (and LeCam anchors, when both have them) into `disc` / `lecam`;
+    returns the step it was saved at. Another discriminator config is an `InputError` naming both."""
+    state, saved, extra = load_checkpoint(path)
+    if extra.get("kind") != "discriminator":
+        raise InputError(f"vqgan_config.disc_init_from: {path} is a {extra.get('kind')!r} checkpoint, not a "
+                         f"discriminator (a run folder's {DISC_EXPORT_NAME})")
+    if saved != _disc_config(config):
+        raise InputError(f"vqgan_config.disc_init_from: {path} holds a discriminator of another config "
+                         f"({saved}); vqgan_config.loss.discriminator must match it ({_disc_config(config)})")
+    load_state_dict(disc, {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("discriminator.")},
+                    path)
+    anchors = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("lecam.")}
+    if lecam is not None and anchors:
+        load_state_dict(lecam, anchors, path)
+    return int(extra.get("step", 0))
 
 
 def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume: bool,
@@ -537,6 +575,8 @@ def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume:
         model.to(memory_format=torch.channels_last)
         disc.to(memory_format=torch.channels_last)
     loss_fn = VQGANLoss(config.loss).to(device)
+    if config.disc_init_from is not None:
+        load_discriminator(config.disc_init_from, disc, loss_fn.lecam, config)
     trainable = model.decoder.parameters() if decoder_only else model.parameters()
     opt_g = torch.optim.Adam(trainable, lr=config.lr, betas=config.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas)
@@ -599,19 +639,22 @@ def _train_step(run: _Run, images: torch.Tensor) -> tuple[dict[str, torch.Tensor
     gan_step = step - config.disc_start - config.disc_warmup  # steps since the GAN terms began
     gan_scale = min(1.0, (gan_step + 1) / config.gan_ramp) if config.gan_ramp else 1.0
     gan_on = gan_step >= 0
+    frozen = config.warmup_freezes_autoencoder and disc_on and not gan_on  # only the discriminator learns
     run.disc.requires_grad_(False)
-    recon, quant, images = run.forward(images)
-    g_loss, logs = run.loss_fn.generator_loss(images, recon, quant, run.plain_disc if gan_on else None,
-                                              run.model.decoder_last_layer, gan_scale=gan_scale)
+    with torch.no_grad() if frozen else contextlib.nullcontext():
+        recon, quant, images = run.forward(images)
+        g_loss, logs = run.loss_fn.generator_loss(images, recon, quant, run.plain_disc if gan_on else None,
+                                                  run.model.decoder_last_layer, gan_scale=gan_scale)
     if gan_on:
         logs["gan_scale"] = torch.tensor(gan_scale)
     if not torch.isfinite(g_loss):
         raise RunError(f"step {step}: the autoencoder loss is {g_loss.item()}; lower lr or check data")
-    run.opt_g.zero_grad(set_to_none=True)
-    g_loss.backward()
-    if config.grad_clip is not None:
-        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip).detach()
-    run.opt_g.step()
+    if not frozen:
+        run.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        if config.grad_clip is not None:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip).detach()
+        run.opt_g.step()
     run.disc.requires_grad_(True)
 
     # Discriminator step (hinge loss, optional LeCam), from disc_start.
@@ -621,7 +664,7 @@ def _train_step(run: _Run, images: torch.Tensor) -> tuple[dict[str, torch.Tensor
         d_loss.backward()
         run.opt_d.step()
         logs.update(d_logs)
-    if run.ema is not None:
+    if run.ema is not None and not frozen:
         run.ema.update(run.model)
     logs["perplexity"] = quant.perplexity.detach()
     logs["batch_usage"] = quant.usage.detach()
