@@ -82,6 +82,31 @@ def test_round_on_cpu_with_a_four_channel_vqgan(tmp_path: Path, pcam_tiles: list
     assert "tiles have a reviewed class" in proc.stdout
 
 
+@pytest.mark.skipif(not SHIPPED_UNET.is_file(), reason="needs the shipped bundle")
+def test_decoder_round_keeps_its_discriminator_for_the_next(tmp_path: Path, pcam_tiles: list[Path]) -> None:
+    data = tmp_path / "tiles"
+    data.mkdir()
+    for p in pcam_tiles[:32]:
+        shutil.copy(p, data / p.name)
+    vqgan = _tiny_vqgan(tmp_path)
+    common = ["--data", str(data), "--device", "cpu", "--minutes", "0.3", "--vqgan", "decoder",
+              "--vqgan-init", str(vqgan), "--unet-init", str(SHIPPED_UNET),
+              "--vqgan-config", str(ROOT / "configs" / "pcam96" / "vqgan-v2-decoder-r6b.yaml")]
+    first = _run(str(tmp_path / "a"), *common, "--vqgan-disc-init", "none")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    disc = tmp_path / "a" / "keep" / "discriminator.safetensors"
+    assert disc.is_file()
+    config = yaml.safe_load((tmp_path / "a" / "vqgan" / "config.yaml").read_text())
+    assert config["warmup_freezes_autoencoder"] is True and config["disc_init_from"] is None
+    # The next round goes on with it, after a short frozen warm-up for its new Adam moments.
+    second = _run(str(tmp_path / "b"), *common, "--vqgan-disc-init", str(disc))
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    config = yaml.safe_load((tmp_path / "b" / "vqgan" / "config.yaml").read_text())
+    assert config["disc_init_from"] == str(disc) and config["disc_warmup"] == 2 and config["gan_ramp"] == 0
+    missing = _run(str(tmp_path / "c"), *common, "--vqgan-disc-init", str(tmp_path / "nope.safetensors"))
+    assert missing.returncode != 0 and "nope.safetensors: no such file" in missing.stderr
+
+
 def test_latent_pack_round_trip(tmp_path: Path, pcam_tiles: list[Path]) -> None:
     """8-bit packing keeps every latent within half a quantisation step, and the unpacked cache opens."""
     from histosynth.autoencoder.latents import LatentCache

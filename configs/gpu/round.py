@@ -1,7 +1,8 @@
 """One training round on a lent GPU (issue 8.6): resume the networks from the committed checkpoints, stop on time.
 
     python configs/gpu/round.py WORK [--keep DIR] [--minutes 9] [--data DIR | --latents-pack DIR] [--device cuda]
-        [--vqgan decoder|all|skip] [--vqgan-init CKPT] [--vqgan-config YAML] [--unet-init CKPT|none]
+        [--vqgan decoder|all|skip] [--vqgan-init CKPT] [--vqgan-config YAML] [--vqgan-disc-init CKPT|auto|none]
+        [--unet-init CKPT|none]
         [--cldm-config YAML ...]
 
 What it does, each stage with its own share of the time (`time_limit_s`: a stage stops, checkpoints and exports
@@ -13,6 +14,9 @@ wherever its step count stands):
    `configs/pcam96/vqgan-v2.yaml` continues the reconstruction phase), GPU sizes and the checkpoint's own
    architecture: `--vqgan decoder` sharpens the decoder only (the latent space, hence the shipped UNet, stays
    valid); `--vqgan all` trains encoder and decoder on, which moves the latent space: the cLDM then re-adapts below.
+   The decoder's GAN phase goes on with the committed discriminator (`--vqgan-disc-init`, default
+   `weights/pcam96/training/discriminator.safetensors` when there is one) and never takes reconstruction-only steps
+   while a discriminator warms up (`warmup_freezes_autoencoder`: round 5 measured what those undo).
 2. **Encode** the tiles with it (a fresh latent cache).
 3. **cLDM**, one run per `--cldm-config` (default `configs/pcam96/cldm-v2.yaml`, the shipped UNet continued); with
    several they train side by side, one process each, on the one GPU (a small UNet leaves most of an H100/H200
@@ -20,8 +24,9 @@ wherever its step count stands):
    config (`--unet-init` overrides the first one's: weights whose shapes differ start fresh; `none`: all fresh),
    trains on the reviewed classes of `weights/pcam96/training/label_map.yaml` (per-tile classes from its
    `label_map_tiles.csv`, matched by file name, so a subset of the tiles works), bf16, GPU batch size.
-4. Copies the small EMA exports and one archive of the logs and sample grids to `--keep` (default WORK/keep): at
-   most 8 files, as the device tool returns them. `histosynth export` then makes the bundle here, on the CPU.
+4. Copies the small EMA exports (and the VQ-GAN's discriminator.safetensors) and one archive of the logs and
+   sample grids to `--keep` (default WORK/keep): at most 8 files, as the device tool returns them. `histosynth
+   export` then makes the bundle here, on the CPU.
 
 Data: the device machine has no `../shared`, and at most 64 MiB of the working tree travels. Either
 `configs/gpu/pack.py DIR` copies a seeded subset of the training tiles (a few thousand) into an ignored folder that
@@ -49,7 +54,7 @@ sys.path.insert(0, str(ROOT))  # runs from a bare copy of the checkout (no pip i
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from histosynth.autoencoder.latents import encode_tiles  # noqa: E402
-from histosynth.autoencoder.train import load_train_config, train_vqgan  # noqa: E402
+from histosynth.autoencoder.train import DISC_EXPORT_NAME, load_train_config, train_vqgan  # noqa: E402
 from histosynth.autoencoder.vqgan import VQGANConfig  # noqa: E402
 from histosynth.configio import from_dict, load  # noqa: E402
 from histosynth.diffusion.train import LDMTrainConfig, train_cldm  # noqa: E402
@@ -123,6 +128,8 @@ def _keep(keep: Path, work: Path, names: list[str], vqgan_path: Path, vqgan_trai
     keep.mkdir(parents=True, exist_ok=True)
     if vqgan_trained and vqgan_path.is_file():
         shutil.copyfile(vqgan_path, keep / "vqgan.safetensors")
+        if (vqgan_path.parent / DISC_EXPORT_NAME).is_file():  # the next round's GAN phase goes on with it
+            shutil.copyfile(vqgan_path.parent / DISC_EXPORT_NAME, keep / DISC_EXPORT_NAME)
     for name in names:
         export = work / name / "unet.safetensors"
         if export.is_file():
@@ -155,6 +162,9 @@ def main() -> None:
                     help="VQ-GAN export to continue (its architecture is used)")
     ap.add_argument("--vqgan-config", type=Path, default=ROOT / "configs" / "pcam96" / "vqgan-v2-decoder.yaml",
                     help="training config whose losses and schedule the VQ-GAN stage uses")
+    ap.add_argument("--vqgan-disc-init", default="auto",
+                    help="discriminator.safetensors the decoder's GAN phase goes on with ('auto': the committed "
+                         "weights/pcam96/training/discriminator.safetensors if there is one; 'none': a new one)")
     ap.add_argument("--cldm-config", type=Path, action="append", default=None,
                     help="a cLDM training config (repeat to train several side by side); default cldm-v2.yaml")
     ap.add_argument("--unet-init", default=None,
@@ -172,7 +182,11 @@ def main() -> None:
         sys.exit(f"--data: {args.data} is not a folder (on the device machine run configs/gpu/pack.py first and "
                  "carry its folder)")
     unet_init = None if args.unet_init in (None, "none") else Path(args.unet_init)
-    for path in (args.vqgan_init, args.vqgan_config, unet_init, *configs):
+    disc_init = {"auto": TRAINING / DISC_EXPORT_NAME, "none": None}.get(args.vqgan_disc_init,
+                                                                        Path(args.vqgan_disc_init))
+    if args.vqgan_disc_init == "auto" and not disc_init.is_file():
+        disc_init = None
+    for path in (args.vqgan_init, args.vqgan_config, unet_init, disc_init, *configs):
         if path is not None and not path.is_file():
             sys.exit(f"{path}: no such file")
     start = time.monotonic()
@@ -192,6 +206,13 @@ def main() -> None:
                       batch_size=256 if gpu else 8, crop_size=None if gpu else 48,
                       num_workers=8 if gpu else 0, steps=10**6, val_every=500, sample_every=500, ckpt_every=250,
                       time_limit_s=max(budget * args.vqgan_share, 10.0))
+        if args.vqgan == "decoder":
+            # Going on from a GAN-phase export: reconstruction-only warm-up steps would undo its sharpening within
+            # a few hundred steps (round 5), so only the discriminator steps until it has caught up. With the
+            # committed discriminator that is just long enough for its new Adam moments; without, the config's.
+            cfg = replace(cfg, warmup_freezes_autoencoder=True, disc_start=0)
+            if disc_init is not None:
+                cfg = replace(cfg, disc_init_from=disc_init, disc_warmup=50 if gpu else 2, gan_ramp=0)
         cfg.validate("vqgan_config")
         result = train_vqgan(cfg, work / "vqgan", show_progress=False)
         vqgan_path = result.export_path
