@@ -30,6 +30,13 @@ TINY = {"base_channels": 8, "num_res_blocks": 1, "latent_channels": 4, "codebook
         "norm_groups": 4}
 
 
+def _tile_folder(folder: Path, tiles: list[Path]) -> Path:
+    folder.mkdir()
+    for p in tiles:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
 def _tiny_vqgan(tmp_path: Path) -> Path:
     return save_export(VQGAN(VQGANConfig(**TINY)), tmp_path / "vqgan-v2.safetensors", TINY, {"kind": "vqgan"})
 
@@ -64,10 +71,7 @@ def test_missing_data_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not SHIPPED_UNET.is_file(), reason="needs the shipped bundle")
 def test_round_on_cpu_with_a_four_channel_vqgan(tmp_path: Path, pcam_tiles: list[Path]) -> None:
-    data = tmp_path / "tiles"
-    data.mkdir()
-    for p in pcam_tiles[:64]:
-        shutil.copy(p, data / p.name)
+    data = _tile_folder(tmp_path / "tiles", pcam_tiles[:64])
     vqgan = _tiny_vqgan(tmp_path)
     out = tmp_path / "round"
     proc = _run(str(out), "--data", str(data), "--device", "cpu", "--minutes", "0.4", "--vqgan", "all",
@@ -84,10 +88,7 @@ def test_round_on_cpu_with_a_four_channel_vqgan(tmp_path: Path, pcam_tiles: list
 
 @pytest.mark.skipif(not SHIPPED_UNET.is_file(), reason="needs the shipped bundle")
 def test_decoder_round_keeps_its_discriminator_for_the_next(tmp_path: Path, pcam_tiles: list[Path]) -> None:
-    data = tmp_path / "tiles"
-    data.mkdir()
-    for p in pcam_tiles[:32]:
-        shutil.copy(p, data / p.name)
+    data = _tile_folder(tmp_path / "tiles", pcam_tiles[:32])
     vqgan = _tiny_vqgan(tmp_path)
     common = ["--data", str(data), "--device", "cpu", "--minutes", "0.3", "--vqgan", "decoder",
               "--vqgan-init", str(vqgan), "--unet-init", str(SHIPPED_UNET),
