@@ -135,12 +135,17 @@ def test_a_frozen_warmup_leaves_the_autoencoder_as_it_was(tiles: Path, stage1: P
     weights = [k for k in before if before[k].is_floating_point() and "usage" not in k]
     assert any(k.startswith("decoder.") for k in weights)
     assert all(torch.equal(before[k], after[k].to(before[k].dtype)) for k in weights)
+    # ... and it has seen no more tiles than it had.
+    assert (read_checkpoint_metadata(result.export_path)[1]["samples_seen"]
+            == read_checkpoint_metadata(stage1)[1]["samples_seen"])
     train = read_metrics(run_dir / "metrics.jsonl", "train")
     assert len(train) == 2 and all("disc_loss" in r and "gan" not in r for r in train)
     # Without the option the same warm-up trains the decoder on the reconstruction terms.
     result = train_vqgan(replace(cfg, warmup_freezes_autoencoder=False), tmp_path / "free", show_progress=False)
     after = load_file(str(result.export_path))
     assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in weights if k.startswith("decoder."))
+    assert (read_checkpoint_metadata(result.export_path)[1]["samples_seen"]
+            == read_checkpoint_metadata(stage1)[1]["samples_seen"] + 4 * cfg.batch_size)
 
 
 def test_a_gan_phase_goes_on_from_its_exported_discriminator(tiles: Path, stage1: Path, tmp_path: Path) -> None:

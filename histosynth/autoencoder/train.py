@@ -423,6 +423,13 @@ class _Run:
     def dead_code_every(self) -> int:
         return 0 if self.decoder_only else self.config.dead_code_every
 
+    @property
+    def trained_steps(self) -> int:
+        """Steps in which the autoencoder stepped: a frozen discriminator warm-up trains only the discriminator."""
+        c, step = self.config, self.state.step
+        frozen = min(max(step - c.disc_start, 0), c.disc_warmup) if c.warmup_freezes_autoencoder else 0
+        return step - frozen
+
     def eval_model(self) -> VQGAN:
         """The model validation, samples and the export use: the EMA weights when configured."""
         return self.ema.averaged(self.model) if self.ema is not None else self.model
@@ -478,7 +485,7 @@ class _Run:
         """vqgan.safetensors: the (EMA) weights with the facts `export` and the model card read (rank 0)."""
         config = self.config
         extra = {"kind": "vqgan", "tile_size": config.tile_size, "data": str(config.data), "step": self.state.step,
-                 "samples_seen": self.prior_samples + self.state.step * config.batch_size * self.info.world_size,
+                 "samples_seen": self.prior_samples + self.trained_steps * config.batch_size * self.info.world_size,
                  **({"val": val_metrics} if val_metrics else {})}
         save_export(self.eval_model(), self.export_path, to_dict(config.model), extra, dtype=config.export_dtype)
         if self.state.step > config.disc_start:  # the discriminator has trained: keep it for the next round
