@@ -122,3 +122,37 @@ histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet $R/gp
 # limit at step 3,391). It did not ship: FID of its reconstructions of 1,000 training tiles 69.5 against the shipped
 # decoder's 54.8 (the restarted discriminator's warm-up and ramp set it back).
 histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r5.yaml --run-dir $R/vqgan-v2-dec-r5
+# ---- Round 6 (2026-12-01, sixth session; issue 8): no GPU lent; both cores on the decoder's GAN phase, two ways.
+# a) round 5's run resumed from its own checkpoint (discriminator and Adam state kept; only the time limit differs):
+cp -r $R/vqgan-v2-dec-r5 $R/vqgan-v2-dec-r6a
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r6a.yaml --run-dir $R/vqgan-v2-dec-r6a
+# b) the shipped decoder with a new discriminator that first warms up against the frozen decoder:
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r6b.yaml --run-dir $R/vqgan-v2-dec-r6b
+# Both runs started before the trainer wrote discriminator.safetensors; it was taken from their last resume
+# checkpoints (weights and LeCam anchors, fp16), the same file the trainer now writes:
+for r in a b; do
+python - $R/vqgan-v2-dec-r6$r <<'PY'
+import sys
+from pathlib import Path
+from safetensors.torch import load_file
+from histosynth.runtime.checkpointing import latest_checkpoint, read_resume_header
+from histosynth.runtime.weights import save_export
+run = Path(sys.argv[1]); ckpt = latest_checkpoint(run / "checkpoints")
+header, tensors = read_resume_header(ckpt), load_file(str(ckpt))
+state = {f"{name}.{k[len(f'module/{name}/'):]}": v for name in ("discriminator", "lecam")
+         for k, v in tensors.items() if k.startswith(f"module/{name}/")}
+config = header["meta"]["config"]
+save_export(state, run / "discriminator.safetensors",
+            {"discriminator": config["loss"]["discriminator"], "in_channels": config["model"]["in_channels"]},
+            {"kind": "discriminator", "step": header["state"]["step"]}, dtype="float16")
+PY
+done
+# Chosen by FID of the reconstructions of 1,000 *training* tiles (eval/round6/decoder_choice_train.json): a) 48.8
+# against the shipped decoder's 54.8 and b)'s 60.7. The UNet is round 5's.
+# (one point per run as it ended, merged into one file with the shipped decoder's round-5 point)
+python benchmarks/fid_curve.py vqgan --real ../shared/data/pcam/train --n 1000 --point 227312=$R/vqgan-v2-dec-r6a/vqgan.safetensors \
+  --point 191008=$R/vqgan-v2-dec-r6b/vqgan.safetensors --json weights/pcam96/eval/round6/decoder_choice_train.json
+histosynth export --vqgan $R/vqgan-v2-dec-r6a/vqgan.safetensors --unet $R/gpu5/cldm-v2-r5.safetensors \
+  --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
+  --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
+cp $R/vqgan-v2-dec-r6a/vqgan.safetensors $R/vqgan-v2-dec-r6a/discriminator.safetensors weights/pcam96/training/
