@@ -135,16 +135,14 @@ python - $R/vqgan-v2-dec-r6$r <<'PY'
 import sys
 from pathlib import Path
 from safetensors.torch import load_file
+from histosynth.autoencoder.train import DISC_EXPORT_NAME, VQGANTrainConfig, save_discriminator
+from histosynth.configio import from_dict
 from histosynth.runtime.checkpointing import latest_checkpoint, read_resume_header
-from histosynth.runtime.weights import save_export
 run = Path(sys.argv[1]); ckpt = latest_checkpoint(run / "checkpoints")
 header, tensors = read_resume_header(ckpt), load_file(str(ckpt))
-state = {f"{name}.{k[len(f'module/{name}/'):]}": v for name in ("discriminator", "lecam")
-         for k, v in tensors.items() if k.startswith(f"module/{name}/")}
-config = header["meta"]["config"]
-save_export(state, run / "discriminator.safetensors",
-            {"discriminator": config["loss"]["discriminator"], "in_channels": config["model"]["in_channels"]},
-            {"kind": "discriminator", "step": header["state"]["step"]}, dtype="float16")
+part = lambda name: {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"module/{name}/")}
+config = from_dict(VQGANTrainConfig, header["meta"]["config"], "config")
+save_discriminator(run / DISC_EXPORT_NAME, part("discriminator"), part("lecam"), config, header["state"]["step"])
 PY
 done
 # Chosen by FID of the reconstructions of 1,000 *training* tiles (eval/round6/decoder_choice_train.json): a) 48.8

@@ -20,7 +20,7 @@ import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
@@ -489,11 +489,9 @@ class _Run:
                  **({"val": val_metrics} if val_metrics else {})}
         save_export(self.eval_model(), self.export_path, to_dict(config.model), extra, dtype=config.export_dtype)
         if self.state.step > config.disc_start:  # the discriminator has trained: keep it for the next round
-            state = {f"discriminator.{k}": v for k, v in self.disc.state_dict().items()}
-            if self.loss_fn.lecam is not None:
-                state.update({f"lecam.{k}": v for k, v in self.loss_fn.lecam.state_dict().items()})
-            save_export(state, self.run_dir / DISC_EXPORT_NAME, _disc_config(config),
-                        {"kind": "discriminator", "step": self.state.step}, dtype=config.export_dtype)
+            lecam = self.loss_fn.lecam.state_dict() if self.loss_fn.lecam is not None else None
+            save_discriminator(self.run_dir / DISC_EXPORT_NAME, self.disc.state_dict(), lecam, config,
+                               self.state.step)
 
     def checkpoint(self, val_metrics: dict[str, float] | None) -> None:
         """A resume checkpoint and the export of this step."""
@@ -507,6 +505,15 @@ class _Run:
 def _disc_config(config: VQGANTrainConfig) -> dict[str, Any]:
     """What a discriminator export records, and what one must match to be loaded."""
     return {"discriminator": to_dict(config.loss.discriminator), "in_channels": config.model.in_channels}
+
+
+def save_discriminator(path: str | Path, disc: Mapping[str, torch.Tensor], lecam: Mapping[str, torch.Tensor] | None,
+                       config: VQGANTrainConfig, step: int) -> None:
+    """Write a discriminator export (weights and LeCam anchors, `config.export_dtype`) that `load_discriminator`
+    reads; from a run's networks, or from the tensors of a resume checkpoint."""
+    state = {f"discriminator.{k}": v for k, v in disc.items()}
+    state.update({f"lecam.{k}": v for k, v in (lecam or {}).items()})
+    save_export(state, path, _disc_config(config), {"kind": "discriminator", "step": step}, dtype=config.export_dtype)
 
 
 def load_discriminator(path: str | Path, disc: torch.nn.Module, lecam: torch.nn.Module | None,
