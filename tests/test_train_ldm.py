@@ -300,3 +300,30 @@ def test_compile_option_compiles_the_step_and_keeps_checkpoints_plain(cache, tmp
     again = T.train_ldm(_config(steps=6, sample_count=0, checkpoint_every=2, compile=True, autocast="bf16"),
                         tmp_path / "compiled", progress=False)
     assert again.resumed_from == 4 and again.steps == 6
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    flat = _config(steps=100, lr=1e-3, warmup_steps=10)
+    assert [T.lr_factor(s, flat) for s in (0, 4, 9, 10, 99)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    for kind in ("linear", "cosine"):
+        cfg = _config(steps=110, lr=1e-3, warmup_steps=10, lr_decay=kind, min_lr=1e-4)
+        f = [T.lr_factor(s, cfg) for s in range(0, 120)]
+        assert f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+        assert f[60] == pytest.approx(0.55)  # half way: the mean of 1 and min_lr / lr for both shapes
+        assert all(a >= b for a, b in zip(f[10:], f[11:]))  # never rises after the warm-up
+        assert f[110] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)  # held at min_lr past `steps`
+    cos = _config(steps=110, warmup_steps=10, lr_decay="cosine")
+    lin = _config(steps=110, warmup_steps=10, lr_decay="linear")
+    assert T.lr_factor(35, cos) > T.lr_factor(35, lin)  # cosine stays high longer
+
+
+def test_lr_decay_is_checked_and_logged(cache, tmp_path):
+    with pytest.raises(InputError, match="min_lr"):
+        from_dict(T.LDMTrainConfig, {"lr": 1e-4, "min_lr": 1e-3}, "cldm")
+    with pytest.raises(InputError, match="lr_decay"):
+        from_dict(T.LDMTrainConfig, {"lr_decay": "step"}, "cldm")
+    with pytest.raises(InputError, match="warmup_steps"):
+        from_dict(T.LDMTrainConfig, {"lr_decay": "linear", "steps": 50, "warmup_steps": 50}, "cldm")
+    T.train_ldm(_config(steps=20, warmup_steps=0, lr_decay="linear", log_every=5), tmp_path / "run", progress=False)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / T.LOG_FILE, "train")]
+    assert lrs == pytest.approx([1e-3 * (1 - s / 20) for s in (4, 9, 14, 19)])

@@ -87,6 +87,9 @@ class LDMTrainConfig:
     lr: float = 2e-4  # AdamW learning rate after warm-up
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear learning-rate warm-up; avoids early blow-ups of a fresh UNet
+    lr_decay: Literal["none", "linear", "cosine"] = "none"  # after warm-up, decay lr to min_lr at `steps`: a
+    # cool-down at the end of a long constant-lr training settles the weights the EMA averages (round 7)
+    min_lr: float = 0.0  # the learning rate `lr_decay` reaches at `steps`
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     steps: int = 10_000  # optimizer steps in total (a resumed run continues up to this)
     ema_decay: float = 0.999  # EMA of the weights; the EMA model is what is shipped
@@ -125,6 +128,11 @@ class LDMTrainConfig:
         require(self.lr > 0, f"{path}.lr", "must be positive")
         require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
         require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
+        require(self.lr_decay in ("none", "linear", "cosine"), f"{path}.lr_decay",
+                f"must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
+        require(0 <= self.min_lr <= self.lr, f"{path}.min_lr", f"must be in [0, lr = {self.lr}]")
+        require(self.lr_decay == "none" or self.steps > self.warmup_steps, f"{path}.steps",
+                f"must exceed warmup_steps ({self.warmup_steps}) when lr_decay is {self.lr_decay!r}")
         require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0 (0 disables clipping)")
         require(self.steps >= 1, f"{path}.steps", "must be at least 1")
         require(0 <= self.ema_decay < 1, f"{path}.ema_decay", "must be in [0, 1)")
@@ -359,8 +367,17 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
 # The loop
 
 
-def _lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_factor(step: int, config: LDMTrainConfig) -> float:
+    """Multiplier of `config.lr` at optimizer step `step`: linear warm-up, then constant or decaying to min_lr."""
+    warmup = config.warmup_steps
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if config.lr_decay == "none":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
+    shape = 1.0 - progress if config.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = config.min_lr / config.lr
+    return floor + (1.0 - floor) * shape
 
 
 def _train_step(run: _Run, latents: torch.Tensor, class_ids: torch.Tensor
@@ -376,7 +393,7 @@ def _train_step(run: _Run, latents: torch.Tensor, class_ids: torch.Tensor
     noise = torch.randn(x0.shape).to(device)
     t = torch.randint(0, run.schedule.num_train_steps, (x0.shape[0],)).to(device)
 
-    factor = _lr_factor(run.state.step, config.warmup_steps)
+    factor = lr_factor(run.state.step, config)
     for g in run.optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
     loss, logs = run.model(x0, latents, noise, t, class_ids, run.label_dropout)
