@@ -174,6 +174,22 @@ def test_a_gan_phase_goes_on_from_its_exported_discriminator(tiles: Path, stage1
     assert not (tmp_path / "e" / DISC_EXPORT_NAME).exists()
 
 
+def test_a_resumed_run_counts_from_where_it_started_though_init_from_was_replaced(
+        tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    # Round 7 resumed a run whose init_from (the shipped export) had meanwhile been replaced by that run's own
+    # export: the count of earlier rounds must come from the run's checkpoint, not from the file as it is now.
+    init = tmp_path / "init.safetensors"
+    shutil.copy(stage1, init)
+    before = read_checkpoint_metadata(init)[1]["samples_seen"]
+    cfg = _config(tiles, init_from=str(init), train_parts="decoder", steps=2, ckpt_every=1)
+    first = train_vqgan(cfg, tmp_path / "run", show_progress=False)
+    assert read_checkpoint_metadata(first.export_path)[1]["samples_seen"] == before + 2 * cfg.batch_size
+    shutil.copy(first.export_path, init)  # ships, and becomes what init_from names
+    result = train_vqgan(replace(cfg, steps=4), tmp_path / "run", show_progress=False)
+    assert result.resumed_from == 2
+    assert read_checkpoint_metadata(result.export_path)[1]["samples_seen"] == before + 4 * cfg.batch_size
+
+
 def test_decoder_fine_tuning_needs_a_checkpoint_and_sane_crops(tiles: Path) -> None:
     with pytest.raises(InputError, match="init_from"):
         _config(tiles, train_parts="decoder")

@@ -327,3 +327,17 @@ def test_lr_decay_is_checked_and_logged(cache, tmp_path):
     T.train_ldm(_config(steps=20, warmup_steps=0, lr_decay="linear", log_every=5), tmp_path / "run", progress=False)
     lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / T.LOG_FILE, "train")]
     assert lrs == pytest.approx([1e-3 * (1 - s / 20) for s in (4, 9, 14, 19)])
+
+
+def test_a_resumed_cldm_counts_from_where_it_started_though_init_from_was_replaced(cache, tmp_path):
+    labels = _labels_csv(tmp_path / "labels.csv", cache.keys)
+    base = T.train_ldm(_config(steps=4), tmp_path / "base", progress=False)
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(base.unet.read_bytes())
+    cfg = _config(steps=6, labels=labels, init_from=init)
+    first = T.train_cldm(cfg, tmp_path / "run", progress=False)
+    assert load_checkpoint(first.unet)[2]["samples_seen"] == (4 + 6) * 8
+    init.write_bytes(first.unet.read_bytes())  # ships, and becomes what init_from names
+    second = T.train_cldm(_config(steps=12, labels=labels, init_from=init), tmp_path / "run", progress=False)
+    assert second.resumed_from == 6  # the checkpoint written at the end of the first call
+    assert load_checkpoint(second.unet)[2]["samples_seen"] == (4 + 12) * 8

@@ -608,6 +608,9 @@ def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume:
         ckpt = load_resume_checkpoint(latest, modules, {"vqgan": opt_g, "discriminator": opt_d})
         state = ckpt.state
         resumed_from = state.step
+        # The count this run started from, as recorded when it started: init_from may since have been overwritten
+        # by a later round's export (older checkpoints did not record it; init_from's count is then used).
+        prior_samples = int(ckpt.meta.get("prior_samples", prior_samples))
         if "usage_ema" in ckpt.extra_tensors:
             model.quantizer.usage_ema.copy_(ckpt.extra_tensors["usage_ema"].to(device))
         if ckpt.world_size != info.world_size:
@@ -629,7 +632,8 @@ def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume:
                        "parameters": sum(p.numel() for p in model.parameters()),
                        "data": "\n".join(reports)}, split="info")
     sample_images = torch.stack([val_set[i] for i in range(min(config.sample_count, len(val_set)))])
-    meta = {"config": to_dict(config), "train_tiles": len(train_set), "val_tiles": len(val_set)}
+    meta = {"config": to_dict(config), "train_tiles": len(train_set), "val_tiles": len(val_set),
+            "prior_samples": prior_samples}
     return _Run(config=config, info=info, run_dir=run_dir, train_set=train_set, val_set=val_set, loader=loader,
                 sampler=sampler, model=model, disc=disc, net=net, ddp_disc=ddp_disc, plain_disc=plain_disc,
                 loss_fn=loss_fn, opt_g=opt_g, opt_d=opt_d, ema=ema, modules=modules, state=state,

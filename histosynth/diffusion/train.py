@@ -337,6 +337,9 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
         loaded = load_resume_checkpoint(latest, modules, {"adamw": optimizer})
         state = loaded.state
         resumed_from = state.step
+        # The count this run started from, as recorded when it started: init_from may since have been overwritten
+        # by a later round's export (older checkpoints did not record it; init_from's count is then used).
+        prior_samples = int(loaded.meta.get("prior_samples", prior_samples))
         if loaded.world_size != info.world_size:
             seed_everything(config.seed, info.rank, offset=state.step)
     else:
@@ -347,7 +350,8 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
         # state dicts, the EMA and the exports keep their plain keys (no `_orig_mod.` prefix).
         model = torch.compile(model)
 
-    meta = {"config": to_dict(config), "kind": kind, "num_classes": model_config.num_classes}
+    meta = {"config": to_dict(config), "kind": kind, "num_classes": model_config.num_classes,
+            "prior_samples": prior_samples}
     logger = MetricsLogger(run_dir / LOG_FILE, resume_step=resumed_from)
     if info.is_main:
         write_text(run_dir / "config.yaml", yaml.safe_dump(meta, sort_keys=False))
