@@ -154,3 +154,35 @@ histosynth export --vqgan $R/vqgan-v2-dec-r6a/vqgan.safetensors --unet $R/gpu5/c
   --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
   --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
 cp $R/vqgan-v2-dec-r6a/vqgan.safetensors $R/vqgan-v2-dec-r6a/discriminator.safetensors weights/pcam96/training/
+# ---- Round 7 (2026-12-01, seventh session; issue 8): no GPU lent. One core each:
+# a) the decoder's GAN phase, round 6's run resumed from its own checkpoint once more:
+cp -r $R/vqgan-v2-dec-r6a $R/vqgan-v2-dec-r7a
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r7a.yaml --run-dir $R/vqgan-v2-dec-r7a
+# b) a learning-rate cool-down of the shipped UNet (round 5's EMA, constant lr on the H200), new `lr_decay`:
+histosynth train cldm --config configs/pcam96/cldm-v2-r7-cooldown.yaml --run-dir $R/cldm-v2-r7
+# Run a resumed before the trainers recorded the count a run starts from: it took its replaced init_from's (round
+# 6's export, 227,312 tiles) for round 4's (162,096), so its exports claim 65,216 tiles too many; corrected here:
+python - <<'PY'
+from histosynth.runtime.weights import load_checkpoint, save_checkpoint
+path = "runs/pcam96/vqgan-v2-dec-r7a/vqgan.safetensors"
+state, config, extra = load_checkpoint(path)
+assert extra["samples_seen"] == 162096 + 65216 + extra["step"] * 8, "already corrected"
+extra["samples_seen"] -= 65216
+save_checkpoint(state, path, config, extra)
+PY
+# Chosen as in round 6, by FID of the reconstructions of 1,000 *training* tiles (eval/round7/decoder_choice_train.json):
+# step 14,991 39.3 (step 12,000 42.0; round 6's 48.8). The cool-down UNet was scored like every cLDM curve point,
+# decoded with round 4's decoder (eval/round7/fid_curve_cldm-r7.json): 65.2 against the shipped UNet's 65.6 on
+# training tiles, recall 0.08 against 0.12: not shipped. Both scripts:
+git show 5ec9c6c:weights/pcam96/training/vqgan.safetensors > $R/vqgan-r4-decoder.safetensors
+python benchmarks/fid_curve.py vqgan --real ../shared/data/pcam/train --n 1000 \
+  --point 258096=$R/vqgan-v2-dec-r7a-snapshots/step-12000.safetensors --point 282024=$R/vqgan-v2-dec-r7a/vqgan.safetensors \
+  --json weights/pcam96/eval/round7/decoder_choice_train.json
+python benchmarks/fid_curve.py cldm --real ../shared/data/pcam/valid --select-real ../shared/data/pcam/train --n 1000 \
+  --vqgan $R/vqgan-r4-decoder.safetensors --point 4833408=$R/cldm-v2-r7/checkpoints/step-00008000.safetensors \
+  --point 5089408=$R/cldm-v2-r7/unet.safetensors --label "cLDM 2.7 M round 7 cool-down" \
+  --json weights/pcam96/eval/round7/fid_curve_cldm-r7.json
+histosynth export --vqgan $R/vqgan-v2-dec-r7a/vqgan.safetensors --unet $R/gpu5/cldm-v2-r5.safetensors \
+  --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
+  --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
+cp $R/vqgan-v2-dec-r7a/vqgan.safetensors $R/vqgan-v2-dec-r7a/discriminator.safetensors weights/pcam96/training/
