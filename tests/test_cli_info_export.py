@@ -106,6 +106,19 @@ def test_export_command_writes_a_loadable_bundle(checkpoints: dict[str, Path], t
     assert result.exit_code == 2 and "--overwrite" in result.output
 
 
+def test_export_writes_the_same_weight_files_for_the_same_networks(checkpoints: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    # safetensors writes its metadata in a random order; a re-export of unchanged networks must not churn hashes.
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        result = runner.invoke(app, ["export", "--vqgan", str(checkpoints["vqgan"]), "--unet", str(checkpoints["unet"]),
+                                     "--labels", str(checkpoints["labels"]), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    weights = sorted(p.name for p in outs[0].glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in outs[1].glob("*.safetensors"))
+    assert all((outs[0] / n).read_bytes() == (outs[1] / n).read_bytes() for n in weights)
+
+
 def test_export_command_input_errors(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     base = ["export", "--vqgan", str(checkpoints["vqgan"]), "--unet", str(checkpoints["unet"]),
             "--out", str(tmp_path / "b")]

@@ -190,6 +190,39 @@ def test_a_resumed_run_counts_from_where_it_started_though_init_from_was_replace
     assert read_checkpoint_metadata(result.export_path)[1]["samples_seen"] == before + 4 * cfg.batch_size
 
 
+def test_a_resumed_gan_phase_cools_down_from_where_it_stands(tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    # Round 8: a GAN phase resumed at step 4 with both learning rates falling linearly to 0 at step 8.
+    base = _config(tiles, init_from=str(stage1), train_parts="decoder", disc_start=0, steps=4, ckpt_every=2,
+                   lr=1e-3, disc_lr=2e-3)
+    train_vqgan(base, tmp_path / "run", show_progress=False)
+    cool = replace(base, steps=8, lr_decay="linear", lr_decay_start=4, min_lr=1e-4)
+    cool.validate("vqgan_config")
+    result = train_vqgan(cool, tmp_path / "run", show_progress=False)
+    assert result.resumed_from == 4
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl", "train")
+    lr = {r["step"]: (r["lr"], r["disc_lr"]) for r in records}
+    # Before the cool-down both rates are the config's; then they fall together, the discriminator's in proportion.
+    assert lr[2] == pytest.approx((1e-3, 2e-3))
+    for step in (5, 6, 7, 8):
+        factor = 0.1 + 0.9 * (1 - (step - 1 - 4) / 4) if step - 1 > 4 else 1.0  # set at the step's start
+        assert lr[step] == pytest.approx((1e-3 * factor, 2e-3 * factor))
+    # A resumed run takes the config's rate, not the one saved in the optimizer's state.
+    slower = replace(base, steps=10, lr=5e-4, disc_lr=5e-4)
+    train_vqgan(slower, tmp_path / "run", show_progress=False)
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl", "train")[-1]["lr"] == pytest.approx(5e-4)
+
+
+def test_lr_decay_of_the_autoencoder_is_checked(tiles: Path) -> None:
+    with pytest.raises(InputError, match="min_lr"):
+        _config(tiles, lr=1e-4, min_lr=1e-3)
+    with pytest.raises(InputError, match="lr_decay"):
+        _config(tiles, lr_decay="step")
+    with pytest.raises(InputError, match="lr_decay_start"):
+        _config(tiles, lr_decay="cosine", steps=50, lr_decay_start=50)
+    with pytest.raises(InputError, match="lr_decay_start"):
+        _config(tiles, lr_decay_start=-1)
+
+
 def test_decoder_fine_tuning_needs_a_checkpoint_and_sane_crops(tiles: Path) -> None:
     with pytest.raises(InputError, match="init_from"):
         _config(tiles, train_parts="decoder")

@@ -36,6 +36,7 @@ from histosynth.io import write_bytes, write_text
 from histosynth.metrics.ssim import ms_ssim, ms_ssim_scales, psnr, ssim
 from histosynth.runtime import dist
 from histosynth.runtime.devices import torch_threads
+from histosynth.runtime.schedule import LR_DECAYS, LRDecay, decay_factor
 from histosynth.runtime.checkpointing import (
     TrainState,
     latest_checkpoint,
@@ -71,6 +72,10 @@ class VQGANTrainConfig:
     disc_lr: float | None = None  # Adam, discriminator; None: same as lr
     betas: tuple[float, float] = (0.5, 0.9)  # taming's Adam betas for both networks
     grad_clip: float | None = None  # clip the autoencoder's gradient norm; None: no clipping
+    lr_decay: LRDecay = "none"  # from step lr_decay_start, decay both learning rates to min_lr's share at `steps`:
+    # a cool-down at the end of a GAN phase that a later round resumes (constant lr until then)
+    lr_decay_start: int = 0  # the step the decay starts at (e.g. the step a resumed run stands at)
+    min_lr: float = 0.0  # the autoencoder's lr at `steps`; the discriminator's falls in the same proportion
     steps: int = 20000  # optimizer steps in total (a resumed run continues up to this)
     disc_start: int = 5000  # step at which the discriminator starts to train
     disc_warmup: int = 0  # the discriminator trains alone this many steps before the GAN terms reach the
@@ -126,6 +131,12 @@ class VQGANTrainConfig:
         require(self.disc_lr is None or self.disc_lr > 0, f"{path}.disc_lr", "must be > 0")
         require(all(0 <= b < 1 for b in self.betas), f"{path}.betas", "must be in [0, 1)")
         require(self.grad_clip is None or self.grad_clip > 0, f"{path}.grad_clip", "must be > 0")
+        require(self.lr_decay in LR_DECAYS, f"{path}.lr_decay",
+                f"must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
+        require(self.lr_decay_start >= 0, f"{path}.lr_decay_start", "must be >= 0")
+        require(0 <= self.min_lr <= self.lr, f"{path}.min_lr", f"must be in [0, lr = {self.lr}]")
+        require(self.lr_decay == "none" or self.steps > self.lr_decay_start, f"{path}.steps",
+                f"must exceed lr_decay_start ({self.lr_decay_start}) when lr_decay is {self.lr_decay!r}")
         require(self.steps >= 1, f"{path}.steps", "must be at least 1")
         require(self.disc_start >= 0, f"{path}.disc_start", "must be >= 0")
         require(self.crop_size is None or (0 < self.crop_size <= self.tile_size and self.crop_size % f == 0),
@@ -658,6 +669,11 @@ def _train_step(run: _Run, images: torch.Tensor) -> tuple[dict[str, torch.Tensor
     gan_scale = min(1.0, (gan_step + 1) / config.gan_ramp) if config.gan_ramp else 1.0
     gan_on = gan_step >= 0
     frozen = config.warmup_freezes_autoencoder and disc_on and not gan_on  # only the discriminator learns
+    # Set from the step every time (not kept in the optimizers' state): a resumed run follows the config.
+    factor = decay_factor(step, config.lr_decay_start, config.steps, config.lr_decay, config.min_lr / config.lr)
+    for opt, base in ((run.opt_g, config.lr), (run.opt_d, config.disc_lr or config.lr)):
+        for group in opt.param_groups:
+            group["lr"] = base * factor
     run.disc.requires_grad_(False)
     with torch.no_grad() if frozen else contextlib.nullcontext():
         recon, quant, images = run.forward(images)
@@ -727,6 +743,7 @@ class _Window:
         means["tiles_per_s"] = self.steps * run.config.batch_size * run.info.world_size / max(elapsed, 1e-9)
         means["epoch"] = epoch
         means["lr"] = run.opt_g.param_groups[0]["lr"]
+        means["disc_lr"] = run.opt_d.param_groups[0]["lr"]
         return means
 
 

@@ -58,6 +58,7 @@ from histosynth.runtime.checkpointing import (
     save_resume_checkpoint,
 )
 from histosynth.runtime.ema import EMA, ema_as_module
+from histosynth.runtime.schedule import LR_DECAYS, LRDecay, decay_factor
 from histosynth.runtime.seeding import seed_everything
 from histosynth.runtime.tracking import MetricsLogger, TrainProgress
 from histosynth.runtime.weights import load_checkpoint, save_checkpoint
@@ -87,7 +88,7 @@ class LDMTrainConfig:
     lr: float = 2e-4  # AdamW learning rate after warm-up
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear learning-rate warm-up; avoids early blow-ups of a fresh UNet
-    lr_decay: Literal["none", "linear", "cosine"] = "none"  # after warm-up, decay lr to min_lr at `steps`: a
+    lr_decay: LRDecay = "none"  # after warm-up, decay lr to min_lr at `steps`: a
     # cool-down at the end of a long constant-lr training settles the weights the EMA averages (round 7)
     min_lr: float = 0.0  # the learning rate `lr_decay` reaches at `steps`
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
@@ -128,7 +129,7 @@ class LDMTrainConfig:
         require(self.lr > 0, f"{path}.lr", "must be positive")
         require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
         require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
-        require(self.lr_decay in ("none", "linear", "cosine"), f"{path}.lr_decay",
+        require(self.lr_decay in LR_DECAYS, f"{path}.lr_decay",
                 f"must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
         require(0 <= self.min_lr <= self.lr, f"{path}.min_lr", f"must be in [0, lr = {self.lr}]")
         require(self.lr_decay == "none" or self.steps > self.warmup_steps, f"{path}.steps",
@@ -376,12 +377,7 @@ def lr_factor(step: int, config: LDMTrainConfig) -> float:
     warmup = config.warmup_steps
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    if config.lr_decay == "none":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
-    shape = 1.0 - progress if config.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    floor = config.min_lr / config.lr
-    return floor + (1.0 - floor) * shape
+    return decay_factor(step, warmup, config.steps, config.lr_decay, config.min_lr / config.lr)
 
 
 def _train_step(run: _Run, latents: torch.Tensor, class_ids: torch.Tensor

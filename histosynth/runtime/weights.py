@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from histosynth.errors import InputError, RunError
 from histosynth.io import atomic_path
@@ -68,8 +68,25 @@ def save_checkpoint(
     except TypeError as e:
         raise InputError(f"{path}: checkpoint config/extra must be JSON-serialisable: {e}") from None
     with atomic_path(path) as tmp:
-        save_file(_plain_tensors(state), str(tmp), metadata=metadata)
+        tmp.write_bytes(_sorted_metadata(save(_plain_tensors(state), metadata=metadata)))
     return path
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """The safetensors file `blob` with its string metadata in key order.
+
+    safetensors writes the metadata from a Rust HashMap, in an order that changes from call to call, so the same
+    weights got another file hash on each export (and a bundle manifest churned). Tensors and their offsets are
+    already in a fixed order; only the header is rewritten, padded with spaces to 8 bytes as the format requires.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
 
 
 def save_export(

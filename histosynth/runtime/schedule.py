@@ -1,0 +1,22 @@
+"""Learning-rate schedules shared by the trainers: pure functions of the step, so a resumed run needs no state."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+LRDecay = Literal["none", "linear", "cosine"]
+LR_DECAYS: tuple[str, ...] = ("none", "linear", "cosine")
+
+
+def decay_factor(step: int, start: int, end: int, shape: LRDecay, floor: float) -> float:
+    """Multiplier of a base learning rate: 1 up to `start`, then `shape` down to `floor` at `end`, `floor` after.
+
+    `floor` is the final learning rate as a share of the base one (min_lr / lr). A cool-down at the end of a long
+    constant-lr run settles the weights that the EMA averages.
+    """
+    if shape == "none" or step <= start:
+        return 1.0
+    progress = min(1.0, (step - start) / max(1, end - start))
+    fall = 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * fall
