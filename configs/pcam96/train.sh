@@ -186,3 +186,39 @@ histosynth export --vqgan $R/vqgan-v2-dec-r7a/vqgan.safetensors --unet $R/gpu5/c
   --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
   --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
 cp $R/vqgan-v2-dec-r7a/vqgan.safetensors $R/vqgan-v2-dec-r7a/discriminator.safetensors weights/pcam96/training/
+# ---- Round 8 (2026-12-01, eighth session; issue 8): no GPU lent. Round 7's decoder run resumed twice from its
+# step-14,991 checkpoint, one copy per core. Its checkpoint predates the recorded starting count, so that count
+# (round 4's 162,096 tiles) is written into each copy first; otherwise the resume would take the replaced
+# init_from's (round 7's export) and count round 7 twice.
+for v in r8a r8b; do
+  cp -r $R/vqgan-v2-dec-r7a $R/vqgan-v2-dec-$v && rm -f $R/vqgan-v2-dec-$v/checkpoints/step-00014750.safetensors
+  python - $R/vqgan-v2-dec-$v/checkpoints/step-00014991.safetensors <<'PY'
+import json, os, sys
+from safetensors import safe_open
+from safetensors.torch import save_file
+path = sys.argv[1]
+with safe_open(path, "pt") as f:
+    metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+resume = json.loads(metadata["histosynth-resume"])
+resume["meta"]["prior_samples"] = 162096
+metadata["histosynth-resume"] = json.dumps(resume)
+save_file(tensors, path + ".tmp", metadata=metadata)
+os.replace(path + ".tmp", path)
+PY
+done
+# a) constant learning rates, as rounds 6 and 7:
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r8a.yaml --run-dir $R/vqgan-v2-dec-r8a
+# b) a cool-down: both learning rates fall linearly to 0 from step 14,991 to 20,000 (new lr_decay of the VQ-GAN trainer)
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r8b.yaml --run-dir $R/vqgan-v2-dec-r8b
+# Both stopped at step 20,000 (322,096 tiles; run a was stopped there, past its step-20,000 checkpoint, for an
+# equal-tiles comparison). Chosen as in rounds 6-7 by FID of the reconstructions of 1,000 *training* tiles:
+for v in r8a r8b; do
+  python benchmarks/fid_curve.py vqgan --real ../shared/data/pcam/train --n 1000 \
+    --point 306096=$R/vqgan-v2-dec-$v-snapshots/step-18000.safetensors --point 322096=$R/vqgan-v2-dec-$v/vqgan.safetensors \
+    --json weights/pcam96/eval/round8/decoder_choice_train-$v.json
+done
+# step 20,000: a 36.15 (P/R 0.853/0.720), b 36.15 (0.833/0.764): equal FID, the cool-down's recall higher -> b ships.
+histosynth export --vqgan $R/vqgan-v2-dec-r8b/vqgan.safetensors --unet $R/gpu5/cldm-v2-r5.safetensors \
+  --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
+  --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
+cp $R/vqgan-v2-dec-r8b/vqgan.safetensors $R/vqgan-v2-dec-r8b/discriminator.safetensors weights/pcam96/training/
