@@ -58,7 +58,7 @@ from histosynth.runtime.checkpointing import (
     save_resume_checkpoint,
 )
 from histosynth.runtime.ema import EMA, ema_as_module
-from histosynth.runtime.schedule import LR_DECAYS, LRDecay, decay_factor
+from histosynth.runtime.schedule import LRDecay, decay_factor
 from histosynth.runtime.seeding import seed_everything
 from histosynth.runtime.tracking import MetricsLogger, TrainProgress
 from histosynth.runtime.weights import load_checkpoint, save_checkpoint
@@ -129,8 +129,6 @@ class LDMTrainConfig:
         require(self.lr > 0, f"{path}.lr", "must be positive")
         require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
         require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
-        require(self.lr_decay in LR_DECAYS, f"{path}.lr_decay",
-                f"must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
         require(0 <= self.min_lr <= self.lr, f"{path}.min_lr", f"must be in [0, lr = {self.lr}]")
         require(self.lr_decay == "none" or self.steps > self.warmup_steps, f"{path}.steps",
                 f"must exceed warmup_steps ({self.warmup_steps}) when lr_decay is {self.lr_decay!r}")

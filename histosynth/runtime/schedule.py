@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-LRDecay = Literal["none", "linear", "cosine"]
-LR_DECAYS: tuple[str, ...] = ("none", "linear", "cosine")
+LRDecay = Literal["none", "linear", "cosine"]  # configio checks a config's value against these
 
 
 def decay_factor(step: int, start: int, end: int, shape: LRDecay, floor: float) -> float:
