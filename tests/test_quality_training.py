@@ -212,6 +212,19 @@ def test_a_resumed_gan_phase_cools_down_from_where_it_stands(tiles: Path, stage1
     assert read_metrics(tmp_path / "run" / "metrics.jsonl", "train")[-1]["lr"] == pytest.approx(5e-4)
 
 
+def test_a_continued_gan_phase_warms_its_fresh_optimizers_up(tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    # Round 9: committed weights go on with new Adam states; both rates rise over lr_warmup steps, then hold.
+    cfg = _config(tiles, init_from=str(stage1), train_parts="decoder", disc_start=0, steps=6, lr=1e-3,
+                  disc_lr=2e-3, lr_warmup=4, log_every=1)
+    train_vqgan(cfg, tmp_path / "run", show_progress=False)
+    lr = {r["step"]: (r["lr"], r["disc_lr"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "train")}
+    for step in (1, 2, 3, 4):  # logged after the step, whose rate was set at its start (index step - 1)
+        assert lr[step] == pytest.approx((1e-3 * step / 4, 2e-3 * step / 4))
+    assert lr[6] == pytest.approx((1e-3, 2e-3))
+    with pytest.raises(InputError, match="lr_warmup"):
+        _config(tiles, lr_warmup=-1)
+
+
 def test_lr_decay_of_the_autoencoder_is_checked(tiles: Path) -> None:
     with pytest.raises(InputError, match="min_lr"):
         _config(tiles, lr=1e-4, min_lr=1e-3)

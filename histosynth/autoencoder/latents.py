@@ -317,3 +317,21 @@ def encode_tiles(
               "size_policy": size_policy, "dataset_report": dataset.report.summary()}
     return encode_dataset(model, dataset, out_dir, batch_size, device=resolved, dihedral=dihedral,
                           num_workers=num_workers, source=source, show_progress=show_progress)
+
+
+# A bank of *generated* latents (`histosynth.sampling.latent_bank`, written downstream by the diffusion model's
+# sampler) is stored like the cache's latents.npy; a decoder GAN phase reads it here (`adapt_latents`).
+BANK_LATENTS = "latents.npy"
+
+
+def load_latent_bank(path: str | Path) -> np.ndarray:
+    """The (N, C, h, w) float16 latents of a bank folder (or its latents.npy); an `InputError` when missing."""
+    path = Path(path)
+    file = path / BANK_LATENTS if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"{path}: no latent bank here (expected {BANK_LATENTS}, written by "
+                         "`histosynth train latent-bank`)")
+    bank = np.load(file, mmap_mode="r")
+    if bank.ndim != 4 or len(bank) == 0:
+        raise InputError(f"{file}: a latent bank is (N, C, h, w) with N >= 1, got shape {tuple(bank.shape)}")
+    return bank

@@ -11,6 +11,10 @@ Generator (autoencoder) loss::
 with L the decoder's last layer (taming's adaptive weight, clamped to [0, 1e4]). Discriminator loss is the
 hinge loss ``mean relu(1 - D(x)) + mean relu(1 + D(x^))``.
 
+Decoder adaptation (optional): decodings g of *generated* latents, which have no target, add
+``adapt_weight * lambda * disc_weight * -mean D(g)`` to the generator loss and count as fakes for the
+discriminator, so the decoder also learns to render the diffusion model's latents as real tissue.
+
 No VGG or LPIPS weights can be downloaded here, so the default replaces the perceptual term by MS-SSIM and
 discriminator feature matching (Salimans et al. 2016 / pix2pixHD): the discriminator's intermediate
 activations are a learned, data-specific feature space that sharpens reconstructions as LPIPS would.
@@ -170,11 +174,15 @@ class VQGANLoss(nn.Module):
         discriminator: nn.Module | None,
         last_layer: torch.Tensor | None,
         gan_scale: float = 1.0,
+        adapt_fakes: torch.Tensor | None = None,
+        adapt_weight: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder loss; pass `discriminator=None` before the GAN warm-up ends (no GAN/feature terms).
 
         `last_layer` is the decoder's last weight (`VQGAN.decoder_last_layer`) for the adaptive weight;
         `gan_scale` in [0, 1] ramps the GAN and feature-matching terms in after the discriminator's warm-up.
+        `adapt_fakes` are decodings of generated latents: they get the GAN term alone, `adapt_weight` times the
+        reconstructions' (same adaptive lambda).
         """
         c = self.config
         rec, logs = self.reconstruction_loss(images, reconstructions)
@@ -202,20 +210,27 @@ class VQGANLoss(nn.Module):
                 total = total + gan_scale * c.disc_weight * weight * gan
                 logs["gan"] = gan.detach()
                 logs["gan_weight"] = weight
+                if adapt_fakes is not None and adapt_weight > 0:
+                    adapt = -discriminator(adapt_fakes).mean()
+                    total = total + gan_scale * c.disc_weight * adapt_weight * weight * adapt
+                    logs["gan_adapt"] = adapt.detach()
         logs["loss"] = total.detach()
         return total, logs
 
-    def discriminator_loss(self, images: torch.Tensor, reconstructions: torch.Tensor,
-                           discriminator: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Hinge loss on real tiles vs (detached) reconstructions, in one discriminator call."""
-        n = images.shape[0]
-        logits = discriminator(torch.cat([images.detach(), reconstructions.detach()], dim=0))
+    def discriminator_loss(self, images: torch.Tensor, reconstructions: torch.Tensor, discriminator: nn.Module,
+                           adapt_fakes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Hinge loss on real tiles vs (detached) reconstructions and `adapt_fakes`, in one discriminator call."""
+        n, m = images.shape[0], reconstructions.shape[0]
+        fakes = [reconstructions.detach()] + ([adapt_fakes.detach()] if adapt_fakes is not None else [])
+        logits = discriminator(torch.cat([images.detach(), *fakes], dim=0))
         loss = hinge_d_loss(logits[:n], logits[n:])
         logs = {
             "disc_loss": loss.detach(),
             "logits_real": logits[:n].detach().mean(),
-            "logits_fake": logits[n:].detach().mean(),
+            "logits_fake": logits[n:n + m].detach().mean(),
         }
+        if adapt_fakes is not None:
+            logs["logits_adapt"] = logits[n + m:].detach().mean()
         if self.lecam is not None:
             lecam = self.lecam(logits[:n].float(), logits[n:].float())
             loss = loss + self.config.lecam_weight * lecam

@@ -27,6 +27,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from histosynth.autoencoder.latents import load_latent_bank
 from histosynth.autoencoder.losses import VQGANLoss, VQGANLossConfig
 from histosynth.autoencoder.vqgan import VQGAN, VQGANConfig, grow_decoder
 from histosynth.configio import load, require, to_dict
@@ -36,7 +37,7 @@ from histosynth.io import write_bytes, write_text
 from histosynth.metrics.ssim import ms_ssim, ms_ssim_scales, psnr, ssim
 from histosynth.runtime import dist
 from histosynth.runtime.devices import torch_threads
-from histosynth.runtime.schedule import LRDecay, decay_factor
+from histosynth.runtime.schedule import LRDecay, lr_factor
 from histosynth.runtime.checkpointing import (
     TrainState,
     latest_checkpoint,
@@ -72,6 +73,8 @@ class VQGANTrainConfig:
     disc_lr: float | None = None  # Adam, discriminator; None: same as lr
     betas: tuple[float, float] = (0.5, 0.9)  # taming's Adam betas for both networks
     grad_clip: float | None = None  # clip the autoencoder's gradient norm; None: no clipping
+    lr_warmup: int = 0  # both learning rates rise linearly over the run's first lr_warmup steps: a round that
+    # continues committed weights (init_from, disc_init_from) starts its Adam state afresh
     lr_decay: LRDecay = "none"  # from step lr_decay_start, decay both learning rates to min_lr's share at `steps`:
     # a cool-down at the end of a GAN phase that a later round resumes (constant lr until then)
     lr_decay_start: int = 0  # the step the decay starts at (e.g. the step a resumed run stands at)
@@ -91,6 +94,10 @@ class VQGANTrainConfig:
     train_parts: Literal["all", "decoder"] = "all"  # "decoder": encoder and codebook frozen (the latent
     # space, hence every diffusion model trained on it, stays valid), only the decoder and discriminator learn
     init_from: Path | None = None  # start from this VQ-GAN export checkpoint (required with train_parts: decoder)
+    adapt_latents: Path | None = None  # a latent bank (`histosynth train latent-bank`) of *generated* latents:
+    # from disc_start, each step also decodes batch_size of them (no reconstruction target); the discriminator
+    # sees them as fakes and the decoder learns to render the diffusion model's latents as tissue. Decoder only
+    adapt_weight: float = 1.0  # their GAN term, as a share of the reconstructions' (same adaptive weight)
     disc_init_from: Path | None = None  # start the discriminator (and its LeCam anchors) from a run's
     # discriminator.safetensors: a GAN phase goes on in a later round from small committed files instead of a
     # new discriminator. Its Adam state starts afresh: pair it with a short frozen warm-up (see above)
@@ -131,6 +138,7 @@ class VQGANTrainConfig:
         require(self.disc_lr is None or self.disc_lr > 0, f"{path}.disc_lr", "must be > 0")
         require(all(0 <= b < 1 for b in self.betas), f"{path}.betas", "must be in [0, 1)")
         require(self.grad_clip is None or self.grad_clip > 0, f"{path}.grad_clip", "must be > 0")
+        require(self.lr_warmup >= 0, f"{path}.lr_warmup", "must be >= 0")
         require(self.lr_decay_start >= 0, f"{path}.lr_decay_start", "must be >= 0")
         require(0 <= self.min_lr <= self.lr, f"{path}.min_lr", f"must be in [0, lr = {self.lr}]")
         require(self.lr_decay == "none" or self.steps > self.lr_decay_start, f"{path}.steps",
@@ -149,6 +157,9 @@ class VQGANTrainConfig:
                 "required with train_parts: decoder (the frozen encoder and codebook come from it)")
         require(self.autocast in ("none", "bf16"), f"{path}.autocast",
                 f"must be 'none' or 'bf16', got {self.autocast!r}")
+        require(self.adapt_latents is None or self.train_parts == "decoder", f"{path}.adapt_latents",
+                "needs train_parts: decoder (generated latents live in the frozen encoder's latent space)")
+        require(self.adapt_weight >= 0, f"{path}.adapt_weight", "must be >= 0")
         require(self.disc_warmup >= 0, f"{path}.disc_warmup", "must be >= 0")
         require(self.gan_ramp >= 0, f"{path}.gan_ramp", "must be >= 0")
         require(self.dead_code_every >= 0, f"{path}.dead_code_every", "must be >= 0")
@@ -410,6 +421,7 @@ class _Run:
     logger: MetricsLogger
     sample_images: torch.Tensor  # fixed held-out tiles of the sample grids
     meta: dict[str, Any]  # what a resume checkpoint records about the run
+    adapt_bank: torch.Tensor | None = None  # generated latents (N, C, h, w) float16, CPU (config.adapt_latents)
 
     @property
     def device(self) -> torch.device:
@@ -443,8 +455,25 @@ class _Run:
         """The model validation, samples and the export use: the EMA weights when configured."""
         return self.ema.averaged(self.model) if self.ema is not None else self.model
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """(reconstructions, quantizer output, the targets they reconstruct), on crops when configured."""
+    def bank_codes(self, n: int) -> torch.Tensor:
+        """`n` generated latents drawn from the bank (global RNG: a resumed run replays it), each under a random
+        flip/rotation when `augment` is on, quantized by the frozen codebook and cropped like the tiles."""
+        config, f = self.config, self.config.model.downsample_factor
+        assert self.adapt_bank is not None
+        latents = self.adapt_bank[torch.randint(0, len(self.adapt_bank), (n,))].to(self.device).float()
+        if config.augment:
+            latents = random_dihedral_batch(latents)
+        with torch.no_grad():
+            codes, _ = self.model.quantizer.lookup(latents)
+        if config.crop_size is not None and config.crop_size // f < codes.shape[-1]:
+            dummy = torch.empty(n, 1, codes.shape[-2] * f, codes.shape[-1] * f, device=codes.device)
+            codes, _ = random_crop_pair(codes, dummy, config.crop_size, f)
+        return codes
+
+    def forward(self, images: torch.Tensor,
+                adapt: int = 0) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor | None]:
+        """(reconstructions, quantizer output, the targets they reconstruct, decodings of `adapt` generated
+        latents or None), on crops when configured. Both decodings share one decoder call (one DDP forward)."""
         config, model = self.config, self.model
         f = config.model.downsample_factor
         crop = config.crop_size is not None and config.crop_size < images.shape[-1]
@@ -459,15 +488,19 @@ class _Run:
             codes = quant.quantized.detach()
             if crop:
                 codes, images = random_crop_pair(codes, images, config.crop_size, f)
+            n = codes.shape[0]
+            if adapt:
+                codes = torch.cat([codes, self.bank_codes(adapt)], dim=0)
             if config.channels_last:
                 codes = codes.contiguous(memory_format=torch.channels_last)
-            return self.net(codes), quant, images
+            out = self.net(codes)
+            return out[:n], quant, images, (out[n:] if adapt else None)
         if crop:
             _, images = random_crop_pair(images[:, :, ::f, ::f], images, config.crop_size, f)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         recon, quant = self.net(images)
-        return recon, quant, images
+        return recon, quant, images, None
 
     def validate(self) -> dict[str, float]:
         """Reconstruction metrics of the held-out tiles (rank 0 computes and logs them)."""
@@ -641,13 +674,25 @@ def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume:
                        "parameters": sum(p.numel() for p in model.parameters()),
                        "data": "\n".join(reports)}, split="info")
     sample_images = torch.stack([val_set[i] for i in range(min(config.sample_count, len(val_set)))])
+    adapt_bank = _adapt_bank(config) if config.adapt_latents is not None else None
     meta = {"config": to_dict(config), "train_tiles": len(train_set), "val_tiles": len(val_set),
             "prior_samples": prior_samples}
     return _Run(config=config, info=info, run_dir=run_dir, train_set=train_set, val_set=val_set, loader=loader,
                 sampler=sampler, model=model, disc=disc, net=net, ddp_disc=ddp_disc, plain_disc=plain_disc,
                 loss_fn=loss_fn, opt_g=opt_g, opt_d=opt_d, ema=ema, modules=modules, state=state,
                 resumed_from=resumed_from, prior_samples=prior_samples, logger=logger,
-                sample_images=sample_images, meta=meta)
+                sample_images=sample_images, meta=meta, adapt_bank=adapt_bank)
+
+
+def _adapt_bank(config: VQGANTrainConfig) -> torch.Tensor:
+    """The generated latents of `config.adapt_latents`, checked against the model's latent shape."""
+    bank = load_latent_bank(config.adapt_latents)
+    c, f = config.model.latent_channels, config.model.downsample_factor
+    if bank.shape[1] != c or bank.shape[2] * f != config.tile_size or bank.shape[3] * f != config.tile_size:
+        raise InputError(f"vqgan_config.adapt_latents: {config.adapt_latents} holds latents of shape "
+                         f"{tuple(bank.shape[1:])}; this model's {config.tile_size}-px tiles have "
+                         f"({c}, {config.tile_size // f}, {config.tile_size // f})")
+    return torch.from_numpy(np.array(bank))  # read into memory (the bank is a read-only memory map)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -668,15 +713,18 @@ def _train_step(run: _Run, images: torch.Tensor) -> tuple[dict[str, torch.Tensor
     gan_on = gan_step >= 0
     frozen = config.warmup_freezes_autoencoder and disc_on and not gan_on  # only the discriminator learns
     # Set from the step every time (not kept in the optimizers' state): a resumed run follows the config.
-    factor = decay_factor(step, config.lr_decay_start, config.steps, config.lr_decay, config.min_lr / config.lr)
+    factor = lr_factor(step, config.lr_warmup, config.lr_decay_start, config.steps, config.lr_decay,
+                       config.min_lr / config.lr)
     for opt, base in ((run.opt_g, config.lr), (run.opt_d, config.disc_lr or config.lr)):
         for group in opt.param_groups:
             group["lr"] = base * factor
     run.disc.requires_grad_(False)
+    adapt = images.shape[0] if run.adapt_bank is not None and disc_on else 0
     with torch.no_grad() if frozen else contextlib.nullcontext():
-        recon, quant, images = run.forward(images)
+        recon, quant, images, adapt_fakes = run.forward(images, adapt)
         g_loss, logs = run.loss_fn.generator_loss(images, recon, quant, run.plain_disc if gan_on else None,
-                                                  run.model.decoder_last_layer, gan_scale=gan_scale)
+                                                  run.model.decoder_last_layer, gan_scale=gan_scale,
+                                                  adapt_fakes=adapt_fakes, adapt_weight=config.adapt_weight)
     if gan_on:
         logs["gan_scale"] = torch.tensor(gan_scale)
     if not torch.isfinite(g_loss):
@@ -691,7 +739,7 @@ def _train_step(run: _Run, images: torch.Tensor) -> tuple[dict[str, torch.Tensor
 
     # Discriminator step (hinge loss, optional LeCam), from disc_start.
     if disc_on:
-        d_loss, d_logs = run.loss_fn.discriminator_loss(images, recon, run.ddp_disc)
+        d_loss, d_logs = run.loss_fn.discriminator_loss(images, recon, run.ddp_disc, adapt_fakes)
         run.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         run.opt_d.step()

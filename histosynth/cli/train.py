@@ -146,6 +146,32 @@ def cldm_command(
 
 
 @handle_errors
+def latent_bank_command(
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle folder whose UNet samples the latents (e.g. weights/pcam96)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bank folder: latents.npy (float16, VQ-GAN space) and bank.json."),
+    count: int = typer.Option(4000, "--count", min=1, help="Latents to sample, classes in turn."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the noise (use another than your evaluations')."),
+    sampler: str = typer.Option("dpmpp2m", "--sampler", help="Sampler name (see `histosynth generate --explain`)."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Sampler steps."),
+    guidance: float = typer.Option(1.0, "--guidance", min=0.0, help="Classifier-free guidance scale (1 = none)."),
+    batch_size: int = typer.Option(50, "--batch-size", min=1, help="Latents per UNet batch."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bank in --out."),
+) -> None:
+    """Sample generated latents for a decoder GAN phase to adapt to (`adapt_latents` of `train vqgan`)."""
+    from histosynth.progress import progress_bar
+    from histosynth.sampling.latent_bank import BankSpec, sample_latent_bank
+
+    spec = BankSpec(count=count, seed=seed, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size)
+    with progress_bar("latents") as progress:
+        task = progress.add_task("sampling latents", total=count)
+        path = sample_latent_bank(bundle, out, spec, device=device, overwrite=overwrite,
+                                  on_progress=lambda done, total: progress.update(task, completed=done))
+    console.print(f"{path}: {count} generated latents ({sampler}, {steps} steps, guidance {guidance}, seed {seed})",
+                  highlight=False)
+
+
+@handle_errors
 def pipeline_command(
     config: Path = typer.Option(..., "--config", "-c", help="pipeline.yaml (see configs/pipeline-example.yaml)."),
     run_dir: Path = typer.Option(..., "--run-dir", help="Run folder: one NN-stage subfolder per stage."),
@@ -179,6 +205,7 @@ COMMANDS: list[tuple[str, Callable[..., None]]] = [
 COMMANDS += [
     ("ldm", ldm_command),
     ("cldm", cldm_command),
+    ("latent-bank", latent_bank_command),
     ("pipeline", pipeline_command),
 ]
 

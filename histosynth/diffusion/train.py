@@ -58,7 +58,8 @@ from histosynth.runtime.checkpointing import (
     save_resume_checkpoint,
 )
 from histosynth.runtime.ema import EMA, ema_as_module
-from histosynth.runtime.schedule import LRDecay, decay_factor
+from histosynth.runtime.schedule import LRDecay
+from histosynth.runtime.schedule import lr_factor as schedule_factor
 from histosynth.runtime.seeding import seed_everything
 from histosynth.runtime.tracking import MetricsLogger, TrainProgress
 from histosynth.runtime.weights import load_checkpoint, save_checkpoint
@@ -372,10 +373,8 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
 
 def lr_factor(step: int, config: LDMTrainConfig) -> float:
     """Multiplier of `config.lr` at optimizer step `step`: linear warm-up, then constant or decaying to min_lr."""
-    warmup = config.warmup_steps
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    return decay_factor(step, warmup, config.steps, config.lr_decay, config.min_lr / config.lr)
+    return schedule_factor(step, config.warmup_steps, config.warmup_steps, config.steps, config.lr_decay,
+                           config.min_lr / config.lr)
 
 
 def _train_step(run: _Run, latents: torch.Tensor, class_ids: torch.Tensor
