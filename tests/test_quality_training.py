@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -291,6 +294,25 @@ def test_train_log_says_when_a_run_resumes(tmp_path: Path) -> None:
     assert any("step 4/10 (40.0%)" in line and "loss 0.5" in line for line in lines)
     assert any("train x: resumed at step 4 of 10" in line for line in lines)
     assert "interrupted at step 5; rerun to resume" in lines[-1]
+
+
+def test_a_terminated_run_says_where_it_stopped(tmp_path: Path) -> None:
+    # A run killed with SIGTERM (kill, a scheduler, a session's end) used to leave no last line in train.log.
+    script = tmp_path / "loop.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from histosynth.runtime.tracking import TrainProgress\n"
+        "with TrainProgress(10, 0, 'train x', enabled=False, log_file=sys.argv[1], log_interval_s=0.0) as bar:\n"
+        "    bar.update(3)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    bar.update(4)\n")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "train.log")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "Terminated" in done.stderr
+    last = (tmp_path / "train.log").read_text().splitlines()[-1]
+    assert "terminated (SIGTERM) at step 3" in last and "rerun to resume" in last
+    # Outside a training loop the default SIGTERM behaviour is back.
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 # ---- tile statistics and the sample verdict

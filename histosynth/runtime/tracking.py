@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -81,8 +83,20 @@ def read_metrics(path: str | Path, split: str | None = None) -> list[dict[str, A
     return out
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a training loop (`kill`, a job scheduler, a session's end), raised like Ctrl-C so that the
+    loop unwinds the same way and the train log says where the run stopped."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 class TrainProgress:
     """A rich progress bar over optimizer steps with ETA and the latest losses; silent off rank 0.
+
+    Inside the `with`, SIGTERM raises `Terminated` (when the process had no SIGTERM handler of its own), so
+    train.log records "terminated at step N" instead of ending without a word.
 
     Use as a context manager: ``with TrainProgress(total, start) as bar: bar.update(step, loss=...)``.
     """
@@ -119,15 +133,24 @@ class TrainProgress:
         self._task = self._progress.add_task(description, total=total, completed=start, metrics="")
 
     def __enter__(self) -> TrainProgress:
+        self._previous_sigterm = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
         self._progress.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._progress.stop()
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
         if self._log_file is not None:
             if exc_type is None:
                 self._write(f"{self.description}: finished at step {self._last_step} of {self.total}")
+            elif issubclass(exc_type, Terminated):
+                self._write(f"{self.description}: terminated (SIGTERM) at step {self._last_step}; the newest "
+                            "checkpoint is kept: rerun to resume")
             elif issubclass(exc_type, KeyboardInterrupt):
                 self._write(f"{self.description}: interrupted at step {self._last_step}; rerun to resume")
             else:
