@@ -26,6 +26,7 @@ from histosynth.errors import InputError
 from histosynth.metrics.tilestats import FLAT_STD, compare, sample_verdict, tile_stats
 from histosynth.runtime.tracking import TrainProgress, read_metrics
 from test_train_vqgan import TINY as TINY_VQGAN
+from histosynth.runtime.checkpointing import SampleCount
 from histosynth.runtime.ema import EMA
 from histosynth.runtime.weights import read_checkpoint_metadata
 
@@ -191,6 +192,30 @@ def test_a_resumed_run_counts_from_where_it_started_though_init_from_was_replace
     result = train_vqgan(replace(cfg, steps=4), tmp_path / "run", show_progress=False)
     assert result.resumed_from == 2
     assert read_checkpoint_metadata(result.export_path)[1]["samples_seen"] == before + 4 * cfg.batch_size
+
+
+def test_a_run_resumed_at_another_batch_size_counts_its_past_steps_at_their_own(
+        tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    # The count used to be steps x the *current* batch x processes: a resume at another batch size (or process
+    # count) recounted every earlier step at the new rate.
+    before = read_checkpoint_metadata(stage1)[1]["samples_seen"]
+    cfg = _config(tiles, init_from=str(stage1), train_parts="decoder", steps=2, ckpt_every=1, batch_size=4)
+    train_vqgan(cfg, tmp_path / "run", show_progress=False)
+    result = train_vqgan(replace(cfg, steps=5, batch_size=2), tmp_path / "run", show_progress=False)
+    assert result.resumed_from == 2
+    assert read_checkpoint_metadata(result.export_path)[1]["samples_seen"] == before + 2 * 4 + 3 * 2
+
+
+def test_sample_counts_go_on_from_a_checkpoints_record() -> None:
+    count = SampleCount(100)
+    assert count.at(10, 8, 2) == 260
+    meta: dict = {"prior_samples": 100}
+    count.record(meta, 10, 8, 2)
+    resumed = SampleCount.resumed(meta, prior=0)
+    assert resumed.at(10, 4, 1) == 260 and resumed.at(15, 4, 1) == 280
+    # A checkpoint written before the record existed: its run's starting count, every step at today's rate.
+    assert SampleCount.resumed({"prior_samples": 50}, prior=0).at(3, 4, 1) == 62
+    assert SampleCount.resumed({}, prior=7).at(3, 4, 1) == 19
 
 
 def test_a_resumed_gan_phase_cools_down_from_where_it_stands(tiles: Path, stage1: Path, tmp_path: Path) -> None:

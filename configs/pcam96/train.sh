@@ -222,3 +222,12 @@ histosynth export --vqgan $R/vqgan-v2-dec-r8b/vqgan.safetensors --unet $R/gpu5/c
   --labels $R/review/label_map.yaml --out weights/pcam96 --mpp 0.972 \
   --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
 cp $R/vqgan-v2-dec-r8b/vqgan.safetensors $R/vqgan-v2-dec-r8b/discriminator.safetensors weights/pcam96/training/
+# ---- Round 9 (2026-12-01, ninth session; issue 8): no GPU lent; a fresh machine without the earlier run folders, so
+# the decoder's GAN phase goes on from the committed files alone (decoder export + discriminator.safetensors, new
+# Adam states with lr_warmup), one single-thread process per core:
+# a) warm-up, hold, cool-down (configs/pcam96/vqgan-v2-decoder-r9a.yaml; its steps were shortened twice while it ran,
+#    each time by a restart from its newest checkpoint, to end within the session):
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r9a.yaml --run-dir $R/vqgan-v2-dec-r9a
+# b) the same, and the decoder adapts to the shipped UNet's latents (a bank sampled once; new adapt_latents):
+histosynth train latent-bank --bundle weights/pcam96 --out $R/bank-r9 --count 6000 --seed 9
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r9b.yaml --run-dir $R/vqgan-v2-dec-r9b

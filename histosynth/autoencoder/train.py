@@ -39,6 +39,7 @@ from histosynth.runtime import dist
 from histosynth.runtime.devices import torch_threads
 from histosynth.runtime.schedule import LRDecay, lr_factor
 from histosynth.runtime.checkpointing import (
+    SampleCount,
     TrainState,
     latest_checkpoint,
     load_resume_checkpoint,
@@ -417,7 +418,7 @@ class _Run:
     modules: dict[str, torch.nn.Module]  # what a resume checkpoint holds
     state: TrainState
     resumed_from: int | None
-    prior_samples: int  # tiles seen by earlier rounds (init_from's export records them)
+    count: SampleCount  # tiles seen in all, by trained step (see SampleCount)
     logger: MetricsLogger
     sample_images: torch.Tensor  # fixed held-out tiles of the sample grids
     meta: dict[str, Any]  # what a resume checkpoint records about the run
@@ -523,11 +524,16 @@ class _Run:
             save_sample_grid(self.sample_images, recon, self.run_dir / "samples" / f"step-{self.state.step:08d}.png")
         dist.barrier()
 
+    @property
+    def samples_seen(self) -> int:
+        """Tiles the autoencoder has trained on, over every round (frozen warm-up steps do not count)."""
+        return self.count.at(self.trained_steps, self.config.batch_size, self.info.world_size)
+
     def export(self, val_metrics: dict[str, float] | None = None) -> None:
         """vqgan.safetensors: the (EMA) weights with the facts `export` and the model card read (rank 0)."""
         config = self.config
         extra = {"kind": "vqgan", "tile_size": config.tile_size, "data": str(config.data), "step": self.state.step,
-                 "samples_seen": self.prior_samples + self.trained_steps * config.batch_size * self.info.world_size,
+                 "samples_seen": self.samples_seen,
                  **({"val": val_metrics} if val_metrics else {})}
         save_export(self.eval_model(), self.export_path, to_dict(config.model), extra, dtype=config.export_dtype)
         if self.state.step > config.disc_start:  # the discriminator has trained: keep it for the next round
@@ -537,6 +543,7 @@ class _Run:
 
     def checkpoint(self, val_metrics: dict[str, float] | None) -> None:
         """A resume checkpoint and the export of this step."""
+        self.count.record(self.meta, self.trained_steps, self.config.batch_size, self.info.world_size)
         save_resume_checkpoint(self.run_dir / "checkpoints", self.state, self.modules,
                                {"vqgan": self.opt_g, "discriminator": self.opt_d},
                                extra_tensors={"usage_ema": self.model.quantizer.usage_ema}, meta=self.meta,
@@ -646,6 +653,7 @@ def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume:
     # ---- resume
     state = TrainState()
     resumed_from = None
+    count = SampleCount(prior_samples)
     if latest is not None:
         ckpt = load_resume_checkpoint(latest, modules, {"vqgan": opt_g, "discriminator": opt_d})
         state = ckpt.state
@@ -653,6 +661,7 @@ def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume:
         # The count this run started from, as recorded when it started: init_from may since have been overwritten
         # by a later round's export (older checkpoints did not record it; init_from's count is then used).
         prior_samples = int(ckpt.meta.get("prior_samples", prior_samples))
+        count = SampleCount.resumed(ckpt.meta, prior_samples)
         if "usage_ema" in ckpt.extra_tensors:
             model.quantizer.usage_ema.copy_(ckpt.extra_tensors["usage_ema"].to(device))
         if ckpt.world_size != info.world_size:
@@ -680,7 +689,7 @@ def _setup(config: VQGANTrainConfig, run_dir: Path, info: dist.DistInfo, resume:
     return _Run(config=config, info=info, run_dir=run_dir, train_set=train_set, val_set=val_set, loader=loader,
                 sampler=sampler, model=model, disc=disc, net=net, ddp_disc=ddp_disc, plain_disc=plain_disc,
                 loss_fn=loss_fn, opt_g=opt_g, opt_d=opt_d, ema=ema, modules=modules, state=state,
-                resumed_from=resumed_from, prior_samples=prior_samples, logger=logger,
+                resumed_from=resumed_from, count=count, logger=logger,
                 sample_images=sample_images, meta=meta, adapt_bank=adapt_bank)
 
 

@@ -52,6 +52,7 @@ from histosynth.runtime import dist
 from histosynth.runtime.devices import torch_threads
 from histosynth.runtime.batches import resumable_batches
 from histosynth.runtime.checkpointing import (
+    SampleCount,
     TrainState,
     latest_checkpoint,
     load_resume_checkpoint,
@@ -236,7 +237,7 @@ class _Run:
     batch: int  # per-rank batch size
     state: TrainState
     resumed_from: Optional[int]
-    prior_samples: int  # training samples seen by the rounds `init_from` continues
+    count: SampleCount  # training samples seen, over the rounds `init_from` continues and this run
     logger: MetricsLogger
     meta: dict[str, Any]  # the config as written beside the checkpoints
     decoder: Optional[nn.Module]  # the VQ-GAN decoder for sample grids and the check (rank 0)
@@ -252,6 +253,7 @@ class _Run:
 
     def checkpoint(self) -> None:
         """A resume checkpoint of the current step (rank 0 writes it)."""
+        self.count.record(self.meta, self.state.step, self.batch, self.info.world_size)
         save_resume_checkpoint(self.run_dir / CHECKPOINT_DIR, self.state, self.modules, {"adamw": self.optimizer},
                                meta=self.meta, keep=self.config.keep_checkpoints)
 
@@ -332,6 +334,7 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
     # ---- resume
     state = TrainState()
     resumed_from = None
+    count = SampleCount(prior_samples)
     latest = latest_checkpoint(run_dir / CHECKPOINT_DIR)
     if latest is not None:
         loaded = load_resume_checkpoint(latest, modules, {"adamw": optimizer})
@@ -340,6 +343,7 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
         # The count this run started from, as recorded when it started: init_from may since have been overwritten
         # by a later round's export (older checkpoints did not record it; init_from's count is then used).
         prior_samples = int(loaded.meta.get("prior_samples", prior_samples))
+        count = SampleCount.resumed(loaded.meta, prior_samples)
         if loaded.world_size != info.world_size:
             seed_everything(config.seed, info.rank, offset=state.step)
     else:
@@ -362,7 +366,7 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
     return _Run(config=config, kind=kind, info=info, run_dir=run_dir, data=data, rows=rows,
                 model_config=model_config, class_names=names, unet=unet, head=head, schedule=schedule,
                 objective=objective, model=model, optimizer=optimizer, ema=ema, modules=modules, loader=loader,
-                sampler=sampler, batch=batch, state=state, resumed_from=resumed_from, prior_samples=prior_samples,
+                sampler=sampler, batch=batch, state=state, resumed_from=resumed_from, count=count,
                 logger=logger, meta=meta, decoder=decoder,
                 grid_classes=_grid_classes(model_config.num_classes, config.sample_count))
 
@@ -471,7 +475,7 @@ def _export_facts(run: _Run) -> dict[str, Any]:
     extra: dict[str, Any] = {
         "kind": run.kind,
         "step": run.state.step,
-        "samples_seen": run.prior_samples + run.state.step * run.batch * run.info.world_size,
+        "samples_seen": run.count.at(run.state.step, run.batch, run.info.world_size),
         "latent_scale": data.latent_scale,
         "schedule": to_dict(config.schedule),
         "data": config.data or str((data.meta.get("source") or {}).get("data", config.latents)),

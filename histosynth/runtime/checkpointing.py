@@ -50,6 +50,35 @@ class TrainState:
     rng: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # filled on load (this rank)
 
 
+@dataclass(frozen=True)
+class SampleCount:
+    """Training samples seen, across rounds and resumes (the model card's compute ledger): `base` samples by step
+    `base_step` of this run, then steps x batch x processes at the run's *current* batch and process count.
+
+    Every resume checkpoint records the count it stands at (`record`), so a run resumed with another batch size
+    or number of processes goes on from the right number instead of recounting its past steps at the new rate.
+    """
+
+    base: int
+    base_step: int = 0
+
+    def at(self, step: int, batch: int, world_size: int) -> int:
+        """The count at `step`, each step since `base_step` worth `batch` samples on each of `world_size`."""
+        return self.base + (step - self.base_step) * batch * world_size
+
+    def record(self, meta: dict[str, Any], step: int, batch: int, world_size: int) -> None:
+        """Write the count at `step` into a resume checkpoint's `meta`."""
+        meta["samples_seen"], meta["samples_step"] = self.at(step, batch, world_size), step
+
+    @classmethod
+    def resumed(cls, meta: Mapping[str, Any], prior: int) -> SampleCount:
+        """The count a resumed run goes on from: its checkpoint's record, else (older checkpoints) the count its
+        run started from (`prior_samples`, or `prior`: init_from's) plus every step at the current rate."""
+        if "samples_seen" in meta and "samples_step" in meta:
+            return cls(int(meta["samples_seen"]), int(meta["samples_step"]))
+        return cls(int(meta.get("prior_samples", prior)))
+
+
 # --------------------------------------------------------------------------------------------------
 # RNG states as plain integer tensors (so they fit safetensors and can be gathered across ranks)
 
