@@ -41,6 +41,7 @@ from histosynth.diffusion.data import (
     open_latents,
     read_labels,
 )
+from histosynth.diffusion.grow import deepen, grown_from
 from histosynth.diffusion.objective import DiffusionObjective, copy_matching_weights
 from histosynth.diffusion.samplers import sample as run_sampler
 from histosynth.diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -307,8 +308,15 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
     init_report = None
     prior_samples = 0
     if config.init_from is not None:
-        state, _, init_extra = load_checkpoint(config.init_from)
-        init_report = copy_matching_weights(unet, state)
+        state, init_config, init_extra = load_checkpoint(config.init_from)
+        source = grown_from(init_config, model_config)
+        if source is not None:
+            # A deeper UNet grown from a trained one: same function at step 0, more capacity (diffusion.grow).
+            unet.load_state_dict(deepen(state, source, model_config))
+            init_report = {"copied": list(state), "skipped": [], "grown": model_config.num_res_blocks
+                           - source.num_res_blocks}
+        else:
+            init_report = copy_matching_weights(unet, state)
         # Training samples seen across rounds (each round fine-tunes the last): the model card's compute ledger.
         prior_samples = int(init_extra.get("samples_seen", 0))
         if not init_report["copied"]:
@@ -360,8 +368,8 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
     if info.is_main:
         write_text(run_dir / "config.yaml", yaml.safe_dump(meta, sort_keys=False))
         if init_report is not None and resumed_from is None:
-            logger.log(0, {"init_copied": len(init_report["copied"]), "init_skipped": len(init_report["skipped"])},
-                       split="init")
+            logger.log(0, {"init_copied": len(init_report["copied"]), "init_skipped": len(init_report["skipped"]),
+                           "init_grown_blocks": init_report.get("grown", 0)}, split="init")
     decoder = _load_decoder(config.vqgan, device) if (config.vqgan is not None and info.is_main) else None
     return _Run(config=config, kind=kind, info=info, run_dir=run_dir, data=data, rows=rows,
                 model_config=model_config, class_names=names, unet=unet, head=head, schedule=schedule,
