@@ -172,6 +172,20 @@ def test_read_labels_errors(cache, tmp_path):
     assert ids[5] == -1 and ids[4] == 0 and ids[7] == 1
 
 
+def test_read_labels_matches_relative_tile_names(tmp_path):
+    """Review sheets name tiles relative to the data folder; `train encode` keys them by absolute path."""
+    keys = ["/data/pcam/train/a.jpg", "/data/pcam/train/b.jpg", "/data/pcam/valid/b.jpg"]
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("tile,class_id\npcam/train/a.jpg,1\n./pcam/valid/b.jpg,0\n/data/pcam/train/b.jpg,1\n")
+    assert T.read_labels(csv_path, keys).tolist() == [1, 1, 0]
+    csv_path.write_text("tile,class_id\nb.jpg,1\n")  # fits two tiles: refused, not guessed
+    with pytest.raises(InputError, match="fits 2 tiles"):
+        T.read_labels(csv_path, keys)
+    csv_path.write_text("tile,class_id\nrain/a.jpg,1\n")  # suffixes end on whole path components
+    with pytest.raises(InputError, match="not in the latent cache"):
+        T.read_labels(csv_path, keys)
+
+
 def test_cldm_fine_tunes_from_ldm(cache, tmp_path):
     ldm = T.train_ldm(_config(steps=5), tmp_path / "ldm", progress=False)
     state, _, _ = load_checkpoint(ldm.unet)

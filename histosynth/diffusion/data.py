@@ -52,6 +52,7 @@ def read_labels(path: Path, keys: Sequence[str]) -> np.ndarray:
     rows_of: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
         rows_of.setdefault(k, []).append(i)
+    find = _tile_finder(list(rows_of))
     ids = np.full(len(keys), -1, dtype=np.int64)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -60,9 +61,7 @@ def read_labels(path: Path, keys: Sequence[str]) -> np.ndarray:
             if needed not in columns:
                 raise InputError(f"{path}: needs columns 'tile' and 'class_id'; has {', '.join(columns) or 'none'}")
         for line, row in enumerate(reader, start=2):
-            tile, value = row["tile"], (row["class_id"] or "").strip()
-            if tile not in rows_of:
-                raise InputError(f"{path}:{line}: tile {tile!r} is not in the latent cache")
+            tile, value = find(row["tile"], f"{path}:{line}"), (row["class_id"] or "").strip()
             if value == "":
                 continue
             try:
@@ -73,6 +72,38 @@ def read_labels(path: Path, keys: Sequence[str]) -> np.ndarray:
     if (ids >= 0).sum() == 0:
         raise InputError(f"{path}: no tile of the latent cache has a class; nothing to train on")
     return ids
+
+
+def _tile_finder(keys: Sequence[str]):
+    """Match a labels-CSV tile to a cache key: exactly, or as the key's trailing path components.
+
+    Review sheets name tiles relative to a data folder (`pcam/train/x.jpg`) while `train encode` keys them
+    by the path it was given (often absolute), so a label file stays usable when the data moves; a suffix
+    that fits several keys is refused rather than guessed.
+    """
+    exact = set(keys)
+    by_suffix: dict[str, list[str]] = {}
+    for k in keys:
+        parts = k.replace("\\", "/").split("/")
+        for i in range(1, len(parts)):
+            by_suffix.setdefault("/".join(parts[i:]), []).append(k)
+
+    def find(tile: str, where: str) -> str:
+        if tile in exact:
+            return tile
+        rel = tile.replace("\\", "/")
+        while rel.startswith("./"):
+            rel = rel[2:]
+        found = by_suffix.get(rel, [])
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise InputError(f"{where}: tile {tile!r} fits {len(found)} tiles of the latent cache "
+                             f"({found[0]}, {found[1]}, ...); give a longer path")
+        raise InputError(f"{where}: tile {tile!r} is not in the latent cache "
+                         + (f"(its keys look like {keys[0]!r})" if keys else ""))
+
+    return find
 
 
 def class_count(label_map: Optional[Path], labels: Optional[np.ndarray], head_k: Optional[int],
