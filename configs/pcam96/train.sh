@@ -231,3 +231,28 @@ histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r9a.yaml --run-d
 # b) the same, and the decoder adapts to the shipped UNet's latents (a bank sampled once; new adapt_latents):
 histosynth train latent-bank --bundle weights/pcam96 --out $R/bank-r9 --count 6000 --seed 9
 histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-r9b.yaml --run-dir $R/vqgan-v2-dec-r9b
+# Chosen as in rounds 6-8 by FID of the reconstructions of 1,000 *training* tiles (eval/round9/decoder_choice_train-*):
+for v in r9a:366096 r9b:345296; do
+  python benchmarks/fid_curve.py vqgan --real ../shared/data/pcam/train --n 1000 \
+    --point ${v#*:}=$R/vqgan-v2-dec-${v%:*}/vqgan.safetensors --json weights/pcam96/eval/round9/decoder_choice_train-${v%:*}.json
+done
+# r9a 37.76, r9b 38.76 against round 8's 36.15: no gain on reconstructions. On *generated* tiles (the shipped UNet,
+# 1,000 tiles, against 1,000 training tiles; eval/round9/gen_*): round 8's decoder 52.19, r9b's 50.05.
+for v in r8b:weights/pcam96/training r9b:$R/vqgan-v2-dec-r9b; do
+  python benchmarks/fid_curve.py cldm --real ../shared/data/pcam/valid --select-real ../shared/data/pcam/train --n 1000 \
+    --vqgan ${v#*:}/vqgan.safetensors --point 4577408=weights/pcam96/unet.safetensors \
+    --json weights/pcam96/eval/round9/gen_shipped-unet_${v%:*}-decoder.json
+done
+# c) the shipped UNet grown to two residual blocks per level (new diffusion.grow; 3.9 M parameters), one hour of both
+#    cores on the latents of the shipped encoder (the committed next/vqgan-v2 has the same encoder):
+histosynth train encode --vqgan weights/pcam96/next/vqgan-v2.safetensors --data ../shared/data/pcam/train \
+  --out $R/latents-v2 --batch-size 128
+OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m histosynth train cldm --config configs/pcam96/cldm-v4-deep.yaml \
+  --run-dir $R/cldm-v4-deep
+for v in r8b:weights/pcam96/training r9b:$R/vqgan-v2-dec-r9b; do
+  python benchmarks/fid_curve.py cldm --real ../shared/data/pcam/valid --select-real ../shared/data/pcam/train --n 1000 \
+    --vqgan ${v#*:}/vqgan.safetensors --point 4961408=$R/cldm-v4-deep/unet.safetensors \
+    --json weights/pcam96/eval/round9/gen_grown-unet_${v%:*}-decoder.json
+done
+# grown UNet: 52.54 (round 8's decoder) and 50.29 (r9b's) against the shipped UNet's 52.19 and 50.05: within noise,
+# recall +0.03; not shipped (it costs 1.4x the sampling time).
