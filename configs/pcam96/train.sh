@@ -256,3 +256,15 @@ for v in r8b:weights/pcam96/training r9b:$R/vqgan-v2-dec-r9b; do
 done
 # grown UNet: 52.54 (round 8's decoder) and 50.29 (r9b's) against the shipped UNet's 52.19 and 50.05: within noise,
 # recall +0.03; not shipped (it costs 1.4x the sampling time).
+# The r9b decoder in a whole candidate bundle (the shipped UNet), through the full evaluation at n = 1,000 and 2,907
+# (eval/round9/bundle-r9b/): generated 50.9 / 39.4 FID against round 8's 53.4 / 41.4, but its reconstructions are
+# worse (28.3 against 25.8 at n = 2,907) and less pink (eosin OD -7.2% against -0.3%; generated -10.6%): it breaks
+# the colour target that round 8 meets, so it does not ship.
+histosynth export --vqgan $R/vqgan-v2-dec-r9b/vqgan.safetensors --unet weights/pcam96/unet.safetensors \
+  --latent-scale 0.6286898256435279 --labels weights/pcam96/training/label_map.yaml --out $R/bundle-r9b --mpp 0.972 \
+  --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)"
+BUNDLE=$R/bundle-r9b VQGAN=$R/vqgan-v2-dec-r9b/vqgan.safetensors LABEL_MAP=weights/pcam96/training/label_map.yaml \
+  PER_CLASS=727 bash benchmarks/pcam96_eval.sh $R/eval-r9b budget control memorization speed
+# ---- Round 10 (2026-12-02, tenth session; issue 8): no GPU lent. Round 9's grown UNet trained on, both cores:
+OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m histosynth train cldm --config configs/pcam96/cldm-v4-deep-r10.yaml \
+  --run-dir $R/cldm-v4-deep-r10
