@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from histosynth.autoencoder.losses import DiscriminatorConfig, VQGANLoss, VQGANLossConfig, hinge_d_loss
+from histosynth.autoencoder.losses import (DiscriminatorConfig, VQGANLoss, VQGANLossConfig, colour_anchor_loss,
+                                         hinge_d_loss)
 from histosynth.autoencoder.train import load_vqgan, train_vqgan
 from histosynth.bundle.store import load_bundle
 from histosynth.bundle.testing import tiny_bundle
@@ -122,3 +123,43 @@ def test_a_bank_that_does_not_fit_is_refused(tiles: Path, stage1: Path, tmp_path
         _config(tiles, adapt_latents=str(tmp_path / "wide"))
     with pytest.raises(InputError, match="adapt_weight"):
         _config(tiles, init_from=str(stage1), train_parts="decoder", adapt_weight=-1.0)
+
+
+def test_the_colour_anchor_sees_colour_and_layout_not_texture() -> None:
+    torch.manual_seed(0)
+    base = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert colour_anchor_loss(base, base).item() == 0.0
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 0.4 - 0.2  # zero mean per 2x2 block
+    assert colour_anchor_loss(base + checker, base).item() == pytest.approx(0.0, abs=1e-6)
+    shifted = base.clone()
+    shifted[:, 1] += 0.3  # one channel recoloured everywhere
+    assert colour_anchor_loss(shifted, base).item() == pytest.approx(0.1, rel=1e-5)
+
+
+def _pooled_gap(model: torch.nn.Module, start: torch.nn.Module, latents: torch.Tensor) -> float:
+    with torch.no_grad():
+        codes, _ = start.quantizer.lookup(latents)
+        return colour_anchor_loss(model.decoder(codes), start.decoder(codes)).item()
+
+
+def test_the_anchor_keeps_generated_decodings_near_the_starting_decoder(tiles: Path, stage1: Path,
+                                                                        tmp_path: Path) -> None:
+    c = load_vqgan(stage1).config.latent_channels
+    bank = _bank(tmp_path / "bank", 10, (c, 8, 8))
+    common = dict(init_from=str(stage1), train_parts="decoder", disc_start=0, disc_warmup=0, steps=6, ckpt_every=6,
+                  adapt_latents=str(bank), adapt_weight=4.0, lr=2e-3)
+    free = train_vqgan(_config(tiles, **common), tmp_path / "free", show_progress=False)
+    anchored = train_vqgan(_config(tiles, adapt_anchor=50.0, **common), tmp_path / "anchored", show_progress=False)
+    records = read_metrics(tmp_path / "anchored" / "metrics.jsonl", "train")
+    assert records[0]["adapt_anchor"] == pytest.approx(0.0, abs=1e-3)  # the anchor starts as the decoder itself
+    assert "adapt_anchor" not in read_metrics(tmp_path / "free" / "metrics.jsonl", "train")[-1]
+    start = load_vqgan(stage1)
+    latents = torch.from_numpy(np.load(bank / "latents.npy")).float()
+    assert _pooled_gap(anchored.model, start, latents) < 0.5 * _pooled_gap(free.model, start, latents)
+
+
+def test_an_anchor_without_generated_latents_is_refused(tiles: Path, stage1: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="adapt_anchor.*adapt_latents"):
+        _config(tiles, init_from=str(stage1), train_parts="decoder", adapt_anchor=1.0)
+    with pytest.raises(InputError, match="adapt_anchor"):
+        _config(tiles, init_from=str(stage1), train_parts="decoder", adapt_latents=str(tmp_path), adapt_anchor=-1.0)

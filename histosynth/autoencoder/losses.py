@@ -13,7 +13,10 @@ hinge loss ``mean relu(1 - D(x)) + mean relu(1 + D(x^))``.
 
 Decoder adaptation (optional): decodings g of *generated* latents, which have no target, add
 ``adapt_weight * lambda * disc_weight * -mean D(g)`` to the generator loss and count as fakes for the
-discriminator, so the decoder also learns to render the diffusion model's latents as real tissue.
+discriminator, so the decoder also learns to render the diffusion model's latents as real tissue. With
+``adapt_anchor > 0`` they also add ``adapt_anchor * |pool(g) - pool(g0)|``, g0 the same latents decoded by the
+decoder the phase started from (frozen) and pool an 8-px average: the GAN term may change texture, not the
+colour and layout at 8 px (round 9 without it drained eosin from every tile).
 
 No VGG or LPIPS weights can be downloaded here, so the default replaces the perceptual term by MS-SSIM and
 discriminator feature matching (Salimans et al. 2016 / pix2pixHD): the discriminator's intermediate
@@ -122,6 +125,14 @@ def feature_matching_loss(real_features: list[torch.Tensor], fake_features: list
     """Mean over layers of the L1 distance between (detached) real and fake discriminator features."""
     terms = [F.l1_loss(fake, real.detach()) for real, fake in zip(real_features, fake_features)]
     return torch.stack(terms).mean()
+
+
+ANCHOR_POOL = 8  # px: finer than a nucleus is texture (the GAN's to change), coarser is colour and layout
+
+
+def colour_anchor_loss(fakes: torch.Tensor, targets: torch.Tensor, pool: int = ANCHOR_POOL) -> torch.Tensor:
+    """Mean L1 between `pool`-px averages of `fakes` and of `targets` (N, 3, H, W; H, W multiples of `pool`)."""
+    return (F.avg_pool2d(fakes.float(), pool) - F.avg_pool2d(targets.float(), pool)).abs().mean()
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
