@@ -265,6 +265,39 @@ histosynth export --vqgan $R/vqgan-v2-dec-r9b/vqgan.safetensors --unet weights/p
   --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)"
 BUNDLE=$R/bundle-r9b VQGAN=$R/vqgan-v2-dec-r9b/vqgan.safetensors LABEL_MAP=weights/pcam96/training/label_map.yaml \
   PER_CLASS=727 bash benchmarks/pcam96_eval.sh $R/eval-r9b budget control memorization speed
-# ---- Round 10 (2026-12-02, tenth session; issue 8): no GPU lent. Round 9's grown UNet trained on, both cores:
-OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m histosynth train cldm --config configs/pcam96/cldm-v4-deep-r10.yaml \
-  --run-dir $R/cldm-v4-deep-r10
+# ---- Round 10 (2026-12-02, tenth session; issue 8): no GPU lent. One single-thread process per core, side by side:
+# round 9's grown UNet trained on (a first start on both cores under torchrun made 1.65 steps/s x 64; it was
+# stopped at step 704 for this split, and the one-core run restarted once, from its step-500 checkpoint, with
+# `steps` cut to what 90 minutes allow) ...
+histosynth train cldm --config configs/pcam96/cldm-v4-deep-r10.yaml --run-dir $R/cldm-v4-deep-r10 &
+# ... and round 9's decoder adaptation (same bank) with the new colour anchor:
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-anchor.yaml --run-dir $R/vqgan-v2-dec-anchor
+wait
+# Choices on training tiles (eval/round10/): the UNet on generated tiles with round 8's decoder; the decoder on
+# reconstructions (FID and colour against 1,000 training tiles) and on the shipped UNet's generated tiles.
+seen() { python -c "from safetensors import safe_open; import json; print(json.loads(safe_open('$1','pt').metadata()['extra'])['samples_seen'])"; }
+E=weights/pcam96/eval/round10
+python benchmarks/fid_curve.py cldm --real ../shared/data/pcam/valid --select-real ../shared/data/pcam/train --n 1000 \
+  --vqgan weights/pcam96/training/vqgan.safetensors --label "grown UNet 3.9 M (round 10), round-8 decoder" \
+  --point $(seen $R/cldm-v4-deep-r10/unet.safetensors)=$R/cldm-v4-deep-r10/unet.safetensors \
+  --json $E/gen_grown-r10-unet_r8b-decoder.json
+V=$R/vqgan-v2-dec-anchor/vqgan.safetensors
+for v in r8b:weights/pcam96/training/vqgan.safetensors anchor:$V; do
+  histosynth evaluate recon --tiles ../shared/data/pcam/train --max-images 1000 --seed 10 --vqgan ${v#*:} \
+    --json $E/recon-train1000_${v%:*}.json
+done
+python benchmarks/fid_curve.py vqgan --real ../shared/data/pcam/train --n 1000 \
+  --point $(seen $V)=$V --json $E/decoder_choice_train-anchor.json
+python benchmarks/fid_curve.py cldm --real ../shared/data/pcam/valid --select-real ../shared/data/pcam/train --n 1000 \
+  --vqgan $V --label "shipped UNet, round-10 anchored decoder" --point 4577408=weights/pcam96/unet.safetensors \
+  --json $E/gen_shipped-unet_anchor-decoder.json
+# Grown UNet 53.51 against the shipped UNet's 52.19: not shipped. Anchored decoder: reconstructions 36.75 (round 8
+# 36.15), colour within 2%, generated 50.17 (round 8 52.19, round 9 b 50.05) -> it ships, with the shipped UNet:
+histosynth export --vqgan $V --unet weights/pcam96/unet.safetensors --latent-scale 0.6286898256435279 \
+  --labels weights/pcam96/training/label_map.yaml --out weights/pcam96 --mpp 0.972 \
+  --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
+cp $V $R/vqgan-v2-dec-anchor/discriminator.safetensors weights/pcam96/training/
+# Its evaluation (eval/round10/; budget and control side by side, one core each):
+PER_CLASS=727 bash benchmarks/pcam96_eval.sh $R/eval-r10 budget &
+bash benchmarks/pcam96_eval.sh $R/eval-r10c control
+wait
