@@ -1,7 +1,7 @@
 """Sample quality and time against sampler and step count, on one model with the same seeds and class counts.
 
-For each setting (`sampler:steps`) a recipe is written and run through `histosynth.sampling.runner.generate`;
-the generated folder is then scored against real tiles (FID, KID, precision/recall, density/coverage) with
+For each setting (`sampler:steps`, or `sampler:steps:guidance` with classifier-free guidance) a recipe is written
+and run through `histosynth.sampling.runner.generate`; the generated folder is then scored against real tiles (FID, KID, precision/recall, density/coverage) with
 the real features computed once. The first setting is the baseline (the paper's 1000-step DDPM): each row gets
 `fid_ratio` (its FID / the baseline's) and `speedup` (the baseline's seconds / its seconds). Prints one JSON
 object to stdout; `--json PATH` writes the list of per-setting records, which `histosynth evaluate report
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import yaml
@@ -54,15 +55,44 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def parse_settings(text: str) -> list[tuple[str, int]]:
-    """`"ddpm:1000,ddim:50"` -> `[("ddpm", 1000), ("ddim", 50)]`; bad entries are an `InputError`."""
+class Setting(NamedTuple):
+    """One row of the comparison: a sampler, its step count and its classifier-free guidance scale."""
+
+    sampler: str
+    steps: int
+    guidance: float = 1.0
+
+    @property
+    def spec(self) -> str:
+        """As `--settings` writes it; guidance appears only where it is not the plain conditional model's 1."""
+        return f"{self.sampler}:{self.steps}" + ("" if self.guidance == 1.0 else f":{self.guidance:g}")
+
+    @property
+    def tag(self) -> str:
+        """Folder and recipe name."""
+        return self.spec.replace(":", "-")
+
+
+def parse_settings(text: str) -> list[Setting]:
+    """`"ddpm:1000,dpmpp2m:20:1.5"` -> `[Setting("ddpm", 1000, 1.0), Setting("dpmpp2m", 20, 1.5)]`.
+
+    Each entry is `sampler:steps` or `sampler:steps:guidance` (guidance >= 1; 1, the default, is no guidance);
+    bad entries are an `InputError`.
+    """
     settings = []
     for spec in (s.strip() for s in text.split(",")):
-        name, sep, steps = spec.partition(":")
-        if not sep or name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
-            raise InputError(f"--settings: {spec!r} is not sampler:steps; allowed samplers: {', '.join(SAMPLERS)}, "
-                             "steps a positive integer (e.g. dpmpp2m:20)")
-        settings.append((name, int(steps)))
+        name, steps, *rest = spec.split(":") + [""]
+        guidance = rest[0] if len(rest) > 1 else "1"
+        try:
+            scale = float(guidance)
+        except ValueError:
+            scale = float("nan")
+        if (len(rest) > 2 or name not in SAMPLERS or not steps.isdigit() or int(steps) < 1
+                or not math.isfinite(scale) or scale < 1.0):
+            raise InputError(f"--settings: {spec!r} is not sampler:steps[:guidance]; allowed samplers: "
+                             f"{', '.join(SAMPLERS)}, steps a positive integer, guidance a number >= 1 "
+                             "(e.g. dpmpp2m:20 or dpmpp2m:20:1.5)")
+        settings.append(Setting(name, int(steps), scale))
     if len(set(settings)) != len(settings):
         raise InputError(f"--settings: {text!r} lists a setting twice")
     return settings
@@ -94,15 +124,15 @@ def class_weights(class_names: list[str], provenance_extra: dict[str, Any],
     return None, "balanced"
 
 
-def write_recipe(path: Path, bundle_path: Path, n: int, weights: Optional[dict[str, float]], sampler: str,
-                 steps: int, seed: int, batch_size: int) -> Path:
-    """A recipe for `n` tiles with the given sampler; everything else is the same for every setting."""
+def write_recipe(path: Path, bundle_path: Path, n: int, weights: Optional[dict[str, float]], setting: Setting,
+                 seed: int, batch_size: int) -> Path:
+    """A recipe for `n` tiles with the given sampler setting; everything else is the same for every setting."""
     recipe: dict[str, Any] = {"bundle": str(bundle_path.resolve()), "seed": seed, "batch_size": batch_size}
     if weights is None:
         recipe["balanced"] = {"total": n}
     else:
         recipe["proportions"] = {"total": n, "weights": weights}
-    recipe["sampler"] = {"name": sampler, "steps": steps}
+    recipe["sampler"] = {"name": setting.sampler, "steps": setting.steps, "guidance": setting.guidance}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
 
@@ -121,8 +151,11 @@ def goal_verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's goal, and whether these results meet it (null when the settings cannot tell)."""
     goal = dict(GOAL)
     first = results[0] if results else None
-    target = next((r for r in results if f"{r['sampler']}:{r['steps']}" == GOAL["setting"]), None)
-    if first is None or f"{first['sampler']}:{first['steps']}" != GOAL["baseline"] or target is None:
+    def name(r: dict[str, Any]) -> Optional[str]:  # the goal is about unguided sampling
+        return f"{r['sampler']}:{r['steps']}" if r.get("guidance", 1.0) == 1.0 else None
+
+    target = next((r for r in results if name(r) == GOAL["setting"]), None)
+    if first is None or name(first) != GOAL["baseline"] or target is None:
         goal["met"] = None
         goal["why"] = f"needs {GOAL['baseline']} as the first setting and {GOAL['setting']} among the settings"
     elif target.get("fid_ratio") is None:
@@ -170,12 +203,12 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
     records: list[dict[str, Any]] = []
     warnings: list[str] = []
     counts: dict[str, int] = {}
-    for sampler, steps in settings:
-        tag = f"{sampler}-{steps}"
+    for setting in settings:
+        tag = setting.tag
         folder = out_root / tag
         _clear_setting_folder(folder)
-        recipe = write_recipe(out_root / f"{tag}.recipe.yaml", bundle_path, args.n, weights, sampler, steps,
-                              args.seed, args.batch_size)
+        recipe = write_recipe(out_root / f"{tag}.recipe.yaml", bundle_path, args.n, weights, setting, args.seed,
+                              args.batch_size)
         t0 = time.perf_counter()
         result = generate(recipe, folder, options)
         total = time.perf_counter() - t0
@@ -183,7 +216,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
             raise RunError(f"{tag}: generate made {result.made} tiles, expected {args.n}")
         counts = {c.name: c.planned for c in result.classes}
         record: dict[str, Any] = {
-            "sampler": sampler, "steps": steps, "n": result.made,
+            "sampler": setting.sampler, "steps": setting.steps, "guidance": setting.guidance, "n": result.made,
             "seconds": result.seconds, "total_seconds": total,
             "tiles_per_s": result.made / result.seconds, "seconds_per_image": result.seconds / result.made,
             "backend": result.backend, "device": result.device,
@@ -226,7 +259,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
         "class_counts": counts,
         "class_counts_from": weights_from,
         "inception": None if network is None else {"path": str(network.path), "sha256": network.sha256},
-        "baseline": f"{base['sampler']}:{base['steps']}",
+        "baseline": settings[0].spec,
         "warnings": warnings,
         "results": records,
     }
@@ -240,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", type=Path, help="folder of real tiles, e.g. ../shared/data/pcam/valid")
     p.add_argument("--max-real", type=int, default=None, help="a seeded random subset of the real tiles")
     p.add_argument("--n", type=int, default=500, help="generated tiles per setting")
-    p.add_argument("--settings", default=DEFAULT_SETTINGS, help="sampler:steps list; the first is the baseline")
+    p.add_argument("--settings", default=DEFAULT_SETTINGS,
+                   help="sampler:steps[:guidance] list (guidance 1, the default, is none); the first is the baseline")
     p.add_argument("--proportions", default="auto", help="auto (the training class mix if the bundle records it) "
                                                           "or balanced")
     p.add_argument("--seed", type=int, default=0)

@@ -281,3 +281,20 @@ def test_report_sweep_accepts_benchmark_records_with_missing_fid(tmp_path: Path)
     lines = "\n".join(_sweep_section(records, tmp_path, "t"))
     assert "0.02" in lines and "0.01" in lines  # both KID shapes reach the table
     assert (tmp_path / "sweep-t.png").is_file()
+
+
+def test_report_sweep_keeps_guidance_scales_apart(tmp_path: Path, monkeypatch) -> None:
+    """A guidance sweep of one sampler at one step count: a guidance column, and one plotted line per scale."""
+    from histosynth.evaluate import report
+
+    drawn: dict = {}
+
+    def fake_plot(series, path, **kwargs):  # records what would be drawn
+        drawn.update(series)
+        return Path(path)
+
+    monkeypatch.setattr(report, "line_plot", fake_plot)
+    records = [{"sampler": "dpmpp2m", "steps": 20, "guidance": g, "fid": f} for g, f in ((1.0, 50.0), (1.5, 47.0))]
+    lines = report._sweep_section(records, tmp_path, "g")
+    assert "guidance" in lines[2] and "1.5" in "\n".join(lines)
+    assert sorted(drawn) == ["dpmpp2m", "dpmpp2m (guidance 1.5)"] and drawn["dpmpp2m (guidance 1.5)"][1] == [47.0]
