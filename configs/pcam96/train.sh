@@ -301,3 +301,25 @@ cp $V $R/vqgan-v2-dec-anchor/discriminator.safetensors weights/pcam96/training/
 PER_CLASS=727 bash benchmarks/pcam96_eval.sh $R/eval-r10 budget &
 bash benchmarks/pcam96_eval.sh $R/eval-r10c control
 wait
+# (its budget at n = 2,907 was measured in the eleventh session: PER_CLASS=727 BUDGET_N=2907 ... budget)
+# ---- Round 11 (2026-12-02, eleventh session; issue 8): no GPU lent. One single-thread process per core:
+# round 10's anchored adaptation continued from the shipped decoder and discriminator on a fresh latent bank ...
+histosynth train latent-bank --bundle weights/pcam96 --out $R/bank-r11 --count 6000 --seed 11
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-anchor-r11.yaml --run-dir $R/vqgan-v2-dec-r11 &
+# ... and, beside it, a guidance sweep of the shipped bundle against 2,000 training tiles (same seeds per scale):
+python benchmarks/sampler_quality.py --bundle weights/pcam96 --real ../shared/data/pcam/train --max-real 2000 \
+  --n 1000 --settings dpmpp2m:20,dpmpp2m:20:1.25,dpmpp2m:20:1.5,dpmpp2m:20:2 --batch-size 50 --backend torch \
+  --json weights/pcam96/eval/round11/sampler_quality_train_guidance.json
+wait
+# Choices on training tiles (eval/round11/), the same commands and seeds as round 10's:
+V=$R/vqgan-v2-dec-r11/vqgan.safetensors
+E=weights/pcam96/eval/round11
+histosynth evaluate recon --tiles ../shared/data/pcam/train --max-images 1000 --seed 10 --vqgan $V \
+  --json $E/recon-train1000_r11.json
+python benchmarks/fid_curve.py cldm --real ../shared/data/pcam/valid --select-real ../shared/data/pcam/train --n 1000 \
+  --vqgan $V --label "shipped UNet, round-11 decoder" --point 4577408=weights/pcam96/unet.safetensors \
+  --json $E/gen_shipped-unet_r11-decoder.json
+python benchmarks/fid_curve.py vqgan --real ../shared/data/pcam/train --n 1000 --point $(seen $V)=$V \
+  --json $E/decoder_choice_train-r11.json
+# Round 11's decoder: reconstructions 39.58 (round 10 36.75), generated 54.43 (round 10 50.17): not shipped.
+# Guidance 1.25/1.5/2: FID 46.99/47.63/50.16 against 46.72 unguided: the default stays unguided.
