@@ -323,3 +323,13 @@ python benchmarks/fid_curve.py vqgan --real ../shared/data/pcam/train --n 1000 -
   --json $E/decoder_choice_train-r11.json
 # Round 11's decoder: reconstructions 39.58 (round 10 36.75), generated 54.43 (round 10 50.17): not shipped.
 # Guidance 1.25/1.5/2: FID 46.99/47.63/50.16 against 46.72 unguided: the default stays unguided.
+# Round 11 b: the same at a fifth of the learning rate (one core), then the same choices into eval/round11/r11b/:
+histosynth train vqgan --config configs/pcam96/vqgan-v2-decoder-anchor-r11b.yaml --run-dir $R/vqgan-v2-dec-r11b
+# generated 51.99 against round 10's 50.17: not shipped either.
+# Beside it, the downstream protocol on round 10's bundle at 100 and 300 real labels, with guidance-2 tiles
+# (eval/round11/downstream-g2/recipe.yaml) and with the budget's unguided tiles (eval/round11/downstream-g1/):
+histosynth generate --recipe weights/pcam96/eval/round11/downstream-g2/recipe.yaml --out $R/down-r10/generated-g2
+python benchmarks/downstream.py --synthetic $R/down-r10/generated-g2 --bundle weights/pcam96 --sizes 100,300 \
+  --threads 1 --out $R/down-r10/downstream-g2
+python benchmarks/downstream.py --synthetic $R/eval-r10/generated --bundle weights/pcam96 --sizes 100,300 \
+  --threads 1 --out $R/down-r10/downstream-g1
