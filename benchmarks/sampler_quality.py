@@ -1,8 +1,8 @@
 """Sample quality and time against sampler and step count, on one model with the same seeds and class counts.
 
 For each setting (`sampler:steps`, or `sampler:steps:guidance` with classifier-free guidance) a recipe is written
-and run through `histosynth.sampling.runner.generate`; the generated folder is then scored against real tiles (FID, KID, precision/recall, density/coverage) with
-the real features computed once. The first setting is the baseline (the paper's 1000-step DDPM): each row gets
+and run through `histosynth.sampling.runner.generate`; the generated folder is then scored against real tiles
+(FID, KID, precision/recall, density/coverage) with the real features computed once. The first setting is the baseline (the paper's 1000-step DDPM): each row gets
 `fid_ratio` (its FID / the baseline's) and `speedup` (the baseline's seconds / its seconds). Prints one JSON
 object to stdout; `--json PATH` writes the list of per-setting records, which `histosynth evaluate report
 --results PATH` turns into a quality-against-steps table and plot.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import sys
@@ -35,6 +34,7 @@ import yaml
 from histosynth.diffusion.samplers import SAMPLERS
 from histosynth.errors import InputError, RunError
 from histosynth.io import json_safe, write_json
+from histosynth.sampling.recipe import SamplerSpec
 
 DEFAULT_SETTINGS = "ddpm:1000,ddim:50,ddim:20,dpmpp2m:20,dpmpp2m:10"
 GOAL = {
@@ -76,23 +76,22 @@ class Setting(NamedTuple):
 def parse_settings(text: str) -> list[Setting]:
     """`"ddpm:1000,dpmpp2m:20:1.5"` -> `[Setting("ddpm", 1000, 1.0), Setting("dpmpp2m", 20, 1.5)]`.
 
-    Each entry is `sampler:steps` or `sampler:steps:guidance` (guidance >= 1; 1, the default, is no guidance);
-    bad entries are an `InputError`.
+    Each entry is `sampler:steps` or `sampler:steps:guidance` (1, the default, is no guidance); steps and guidance
+    follow a recipe's rules. Bad entries are an `InputError`.
     """
     settings = []
     for spec in (s.strip() for s in text.split(",")):
-        name, steps, *rest = spec.split(":") + [""]
-        guidance = rest[0] if len(rest) > 1 else "1"
+        parts = spec.split(":")
         try:
-            scale = float(guidance)
+            if len(parts) not in (2, 3) or parts[0] not in SAMPLERS:
+                raise ValueError(spec)
+            setting = Setting(parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 1.0)
         except ValueError:
-            scale = float("nan")
-        if (len(rest) > 2 or name not in SAMPLERS or not steps.isdigit() or int(steps) < 1
-                or not math.isfinite(scale) or scale < 1.0):
             raise InputError(f"--settings: {spec!r} is not sampler:steps[:guidance]; allowed samplers: "
-                             f"{', '.join(SAMPLERS)}, steps a positive integer, guidance a number >= 1 "
-                             "(e.g. dpmpp2m:20 or dpmpp2m:20:1.5)")
-        settings.append(Setting(name, int(steps), scale))
+                             f"{', '.join(SAMPLERS)} (e.g. dpmpp2m:20 or dpmpp2m:20:1.5)") from None
+        # A recipe's own range checks, so that a bad setting fails here and not after the settings before it ran.
+        SamplerSpec(setting.sampler, setting.steps, guidance=setting.guidance).validate(f"--settings {spec!r}")
+        settings.append(setting)
     if len(set(settings)) != len(settings):
         raise InputError(f"--settings: {text!r} lists a setting twice")
     return settings
@@ -147,15 +146,17 @@ def _clear_setting_folder(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
+def _unguided_name(record: dict[str, Any]) -> Optional[str]:
+    """`sampler:steps` of an unguided record, None for a guided one: the goal is about unguided sampling."""
+    return f"{record['sampler']}:{record['steps']}" if record.get("guidance", 1.0) == 1.0 else None
+
+
 def goal_verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's goal, and whether these results meet it (null when the settings cannot tell)."""
     goal = dict(GOAL)
     first = results[0] if results else None
-    def name(r: dict[str, Any]) -> Optional[str]:  # the goal is about unguided sampling
-        return f"{r['sampler']}:{r['steps']}" if r.get("guidance", 1.0) == 1.0 else None
-
-    target = next((r for r in results if name(r) == GOAL["setting"]), None)
-    if first is None or name(first) != GOAL["baseline"] or target is None:
+    target = next((r for r in results if _unguided_name(r) == GOAL["setting"]), None)
+    if first is None or _unguided_name(first) != GOAL["baseline"] or target is None:
         goal["met"] = None
         goal["why"] = f"needs {GOAL['baseline']} as the first setting and {GOAL['setting']} among the settings"
     elif target.get("fid_ratio") is None:

@@ -73,8 +73,9 @@ def test_parse_settings(quality: ModuleType) -> None:
     assert guided == [("dpmpp2m", 20, 1.0), ("dpmpp2m", 20, 1.5)]
     assert [s.tag for s in guided] == ["dpmpp2m-20", "dpmpp2m-20-1.5"] and guided[1].spec == "dpmpp2m:20:1.5"
     assert quality.parse_settings("ddim:5:1")[0].spec == "ddim:5"
-    for bad in ("euler:20", "ddim", "ddim:0", "ddim:x", "ddim:2,ddim:2", "ddim:2:0.5", "ddim:2:x", "ddim:2:nan",
-                "ddim:2:1.5:3", "ddim:2,ddim:2:1"):
+    assert quality.parse_settings("ddim:5:0")[0].guidance == 0.0  # the unconditional model, as a recipe allows
+    for bad in ("euler:20", "ddim", "ddim:0", "ddim:x", "ddim:2,ddim:2", "ddim:2:-1", "ddim:2:31", "ddim:2:x",
+                "ddim:2:nan", "ddim:2:", "ddim:2:1.5:3", "ddim:2,ddim:2:1", "ddim:100000"):
         with pytest.raises(InputError, match="--settings"):
             quality.parse_settings(bad)
 
