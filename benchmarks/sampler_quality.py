@@ -1,6 +1,7 @@
 """Sample quality and time against sampler and step count, on one model with the same seeds and class counts.
 
-For each setting (`sampler:steps`, or `sampler:steps:guidance` with classifier-free guidance) a recipe is written
+For each setting (`sampler:steps`, `sampler:steps:guidance` with classifier-free guidance, or `sampler:steps:aW`
+with autoguidance at scale W by the bundle's guide network) a recipe is written
 and run through `histosynth.sampling.runner.generate`; the generated folder is then scored against real tiles
 (FID, KID, precision/recall, density/coverage) with the real features computed once. The first setting is the baseline (the paper's 1000-step DDPM): each row gets
 `fid_ratio` (its FID / the baseline's) and `speedup` (the baseline's seconds / its seconds). Prints one JSON
@@ -56,15 +57,18 @@ def machine() -> dict[str, Any]:
 
 
 class Setting(NamedTuple):
-    """One row of the comparison: a sampler, its step count and its classifier-free guidance scale."""
+    """One row of the comparison: a sampler, its step count, and its classifier-free guidance or autoguidance scale."""
 
     sampler: str
     steps: int
     guidance: float = 1.0
+    autoguidance: float = 1.0
 
     @property
     def spec(self) -> str:
-        """As `--settings` writes it; guidance appears only where it is not the plain conditional model's 1."""
+        """As `--settings` writes it; a scale appears only where it is not the plain conditional model's 1."""
+        if self.autoguidance != 1.0:
+            return f"{self.sampler}:{self.steps}:a{self.autoguidance:g}"
         return f"{self.sampler}:{self.steps}" + ("" if self.guidance == 1.0 else f":{self.guidance:g}")
 
     @property
@@ -74,10 +78,10 @@ class Setting(NamedTuple):
 
 
 def parse_settings(text: str) -> list[Setting]:
-    """`"ddpm:1000,dpmpp2m:20:1.5"` -> `[Setting("ddpm", 1000, 1.0), Setting("dpmpp2m", 20, 1.5)]`.
+    """`"ddpm:1000,dpmpp2m:20:1.5,dpmpp2m:20:a2"` -> settings with guidance 1.5, and autoguidance 2 in the last.
 
-    Each entry is `sampler:steps` or `sampler:steps:guidance` (1, the default, is no guidance); steps and guidance
-    follow a recipe's rules. Bad entries are an `InputError`.
+    Each entry is `sampler:steps`, `sampler:steps:guidance` or `sampler:steps:aW` (autoguidance W; 1, the default,
+    is none); steps and scales follow a recipe's rules. Bad entries are an `InputError`.
     """
     settings = []
     for spec in (s.strip() for s in text.split(",")):
@@ -85,12 +89,16 @@ def parse_settings(text: str) -> list[Setting]:
         try:
             if len(parts) not in (2, 3) or parts[0] not in SAMPLERS:
                 raise ValueError(spec)
-            setting = Setting(parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 1.0)
+            scale = parts[2] if len(parts) == 3 else "1"
+            auto = scale.startswith("a")
+            value = float(scale[1:] if auto else scale)
+            setting = Setting(parts[0], int(parts[1]), 1.0 if auto else value, value if auto else 1.0)
         except ValueError:
-            raise InputError(f"--settings: {spec!r} is not sampler:steps[:guidance]; allowed samplers: "
-                             f"{', '.join(SAMPLERS)} (e.g. dpmpp2m:20 or dpmpp2m:20:1.5)") from None
+            raise InputError(f"--settings: {spec!r} is not sampler:steps[:guidance or :aW]; allowed samplers: "
+                             f"{', '.join(SAMPLERS)} (e.g. dpmpp2m:20, dpmpp2m:20:1.5 or dpmpp2m:20:a2)") from None
         # A recipe's own range checks, so that a bad setting fails here and not after the settings before it ran.
-        SamplerSpec(setting.sampler, setting.steps, guidance=setting.guidance).validate(f"--settings {spec!r}")
+        SamplerSpec(setting.sampler, setting.steps, guidance=setting.guidance,
+                    autoguidance=setting.autoguidance).validate(f"--settings {spec!r}")
         settings.append(setting)
     if len(set(settings)) != len(settings):
         raise InputError(f"--settings: {text!r} lists a setting twice")
@@ -131,7 +139,8 @@ def write_recipe(path: Path, bundle_path: Path, n: int, weights: Optional[dict[s
         recipe["balanced"] = {"total": n}
     else:
         recipe["proportions"] = {"total": n, "weights": weights}
-    recipe["sampler"] = {"name": setting.sampler, "steps": setting.steps, "guidance": setting.guidance}
+    recipe["sampler"] = {"name": setting.sampler, "steps": setting.steps, "guidance": setting.guidance,
+                         "autoguidance": setting.autoguidance}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
 
@@ -148,7 +157,8 @@ def _clear_setting_folder(folder: Path) -> None:
 
 def _unguided_name(record: dict[str, Any]) -> Optional[str]:
     """`sampler:steps` of an unguided record, None for a guided one: the goal is about unguided sampling."""
-    return f"{record['sampler']}:{record['steps']}" if record.get("guidance", 1.0) == 1.0 else None
+    unguided = record.get("guidance", 1.0) == 1.0 and record.get("autoguidance", 1.0) == 1.0
+    return f"{record['sampler']}:{record['steps']}" if unguided else None
 
 
 def goal_verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,7 +189,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
     if args.tiny:
         from histosynth.bundle.testing import tiny_bundle
 
-        bundle_path = tiny_bundle(work, name="tiny-bundle")
+        bundle_path = tiny_bundle(work, name="tiny-bundle", guide=True)  # with a guide: autoguidance settings run
     else:
         bundle_path = args.bundle
     bundle = load_bundle(bundle_path)
@@ -217,7 +227,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
             raise RunError(f"{tag}: generate made {result.made} tiles, expected {args.n}")
         counts = {c.name: c.planned for c in result.classes}
         record: dict[str, Any] = {
-            "sampler": setting.sampler, "steps": setting.steps, "guidance": setting.guidance, "n": result.made,
+            "sampler": setting.sampler, "steps": setting.steps, "guidance": setting.guidance,
+            "autoguidance": setting.autoguidance, "n": result.made,
             "seconds": result.seconds, "total_seconds": total,
             "tiles_per_s": result.made / result.seconds, "seconds_per_image": result.seconds / result.made,
             "backend": result.backend, "device": result.device,
@@ -275,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-real", type=int, default=None, help="a seeded random subset of the real tiles")
     p.add_argument("--n", type=int, default=500, help="generated tiles per setting")
     p.add_argument("--settings", default=DEFAULT_SETTINGS,
-                   help="sampler:steps[:guidance] list (guidance 1, the default, is none); the first is the baseline")
+                   help="sampler:steps[:guidance or :aW] list (W: autoguidance; 1, the default, is none); the first "
+                        "is the baseline")
     p.add_argument("--proportions", default="auto", help="auto (the training class mix if the bundle records it) "
                                                           "or balanced")
     p.add_argument("--seed", type=int, default=0)

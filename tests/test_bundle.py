@@ -361,3 +361,20 @@ def test_label_map_errors(tmp_path: Path, classes: list, message: str) -> None:
     path.write_text(json.dumps({"classes": classes}))
     with pytest.raises(InputError, match=message):
         read_label_map(path)
+
+
+def test_manifest_guide_entries_must_come_with_their_files(tmp_path: Path) -> None:
+    guided = tiny_bundle(tmp_path, num_classes=3, tile_size=32, name="guided", guide=True)
+    data = json.loads((guided / MANIFEST_NAME).read_text())
+    del data["files"]["guide_unet.onnx"]
+    (guided / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(InputError, match="guide_unet is set but the files list lacks guide_unet.onnx"):
+        read_manifest(guided)
+    del data["guide_unet"]
+    (guided / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(InputError, match="manifest.guide_unet: missing, but the files list has guide_unet.safetensors"):
+        read_manifest(guided)
+    (guided / "guide_unet.onnx").unlink()  # a bundle without a guide loads as before
+    del data["files"]["guide_unet.safetensors"]
+    (guided / MANIFEST_NAME).write_text(json.dumps(data))
+    assert not load_bundle(guided).has_guide

@@ -132,3 +132,30 @@ def test_export_command_input_errors(checkpoints: dict[str, Path], tmp_path: Pat
                                  "--labels", str(checkpoints["labels"]), "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "never unpickles" in " ".join(result.output.split())
     assert not (tmp_path / "b").exists()
+
+
+def test_export_with_a_guide_network_and_info_shows_it(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    guide = tiny_networks(2, seed=5)[1]
+    guide_path = save_checkpoint(guide, tmp_path / "guide.safetensors", to_dict(guide.config),
+                                 {"kind": "unet", "step": 3, "samples_seen": 96})
+    out = tmp_path / "guided"
+    base = ["export", "--vqgan", str(checkpoints["vqgan"]), "--unet", str(checkpoints["unet"]),
+            "--labels", str(checkpoints["labels"])]
+    result = runner.invoke(app, base + ["--out", str(out), "--guide-unet", str(guide_path)])
+    assert result.exit_code == 0, result.output
+    assert "guide unet" in result.output and "guide_unet.onnx" in result.output
+    b = load_bundle(out)
+    assert b.has_guide and b.manifest.provenance.extra["guide_unet"] == {"step": 3, "samples_seen": 96}
+    assert b.manifest.provenance.extra["checkpoints"]["guide_unet"] == "guide.safetensors"
+    torch.testing.assert_close(b.build_guide_unet().state_dict(), guide.state_dict())
+    result = runner.invoke(app, ["info", str(out)])
+    assert result.exit_code == 0 and "guide UNet" in result.output and "96 latents seen" in result.output
+    plain = runner.invoke(app, ["info", str(tiny_bundle(tmp_path, num_classes=2, tile_size=32))])
+    assert "no guide network" in plain.output
+
+    # A guide of other classes than the UNet's is refused, and nothing is written.
+    other = tiny_networks(3, seed=5)[1]
+    other_path = save_checkpoint(other, tmp_path / "other.safetensors", to_dict(other.config), {"kind": "unet"})
+    result = runner.invoke(app, base + ["--out", str(tmp_path / "refused"), "--guide-unet", str(other_path)])
+    assert result.exit_code == 2 and "same latents and classes" in " ".join(result.output.split())
+    assert not (tmp_path / "refused").exists()

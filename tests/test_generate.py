@@ -197,3 +197,34 @@ def test_bad_input_exit_codes(tmp_path, bundle):
     blocker.write_text("x")
     result = invoke("generate", "--recipe", str(good), "--out", str(blocker / "sub"))
     assert result.exit_code == 2 and "is a file, not a folder" in result.output  # bad input (issue 10, item 7)
+
+
+def test_autoguidance_with_a_guided_bundle_and_a_clear_refusal_without_one(tmp_path, bundle):
+    guided_bundle = tiny_bundle(tmp_path, num_classes=3, tile_size=32, name="guided", guide=True)
+    b = load_bundle(guided_bundle)
+    assert b.has_guide and not load_bundle(bundle).has_guide
+    assert "guide_unet" not in json.loads((bundle / "manifest.json").read_text())  # old bundles keep their bytes
+    assert {"guide_unet.onnx", "guide_unet.safetensors"} <= set(b.manifest.files)
+
+    plain = write_recipe(tmp_path, guided_bundle)
+    auto = write_recipe(tmp_path, guided_bundle, sampler={"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0})
+    out = {}
+    for name, recipe, backend in (("plain", plain, "torch"), ("torch", auto, "torch"), ("onnx", auto, "onnx")):
+        result = invoke("generate", "--recipe", str(recipe), "--out", str(tmp_path / name), "--backend", backend)
+        assert result.exit_code == 0, result.output
+        out[name] = {k: np.asarray(Image.open(tmp_path / name / k), dtype=np.int16)
+                     for k in digests(tmp_path / name)}
+    assert out["plain"].keys() == out["torch"].keys() == out["onnx"].keys()
+    # The guide changes the images; torch and ONNX Runtime agree on them (to rounding of a few levels).
+    assert any(np.abs(out["plain"][k] - out["torch"][k]).max() > 8 for k in out["plain"])
+    assert max(np.abs(out["torch"][k] - out["onnx"][k]).max() for k in out["torch"]) <= 3
+    with open(tmp_path / "torch" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["autoguidance"] for r in rows} == {"2.0"}
+
+    # The same recipe against a bundle without a guide: refused before anything is written.
+    refused = write_recipe(tmp_path, bundle, sampler={"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0})
+    result = invoke("generate", "--recipe", str(refused), "--out", str(tmp_path / "refused"))
+    assert result.exit_code == 2
+    assert "ships no guide network" in result.output and "allowed: 1 (off)" in result.output
+    assert not (tmp_path / "refused").exists()

@@ -65,6 +65,12 @@ def test_top_up_fills_minorities(tmp_path: Path):
         ({"balanced": {"per_class": 2}, "output": {"format": "bmp"}},
          "recipe.output.format: unknown value 'bmp'; allowed: png, jpeg, tiff"),
         ({"balanced": {"per_class": "many"}}, "recipe.balanced.per_class"),
+        ({"balanced": {"per_class": 2}, "sampler": {"autoguidance": 0.5}},
+         "recipe.sampler.autoguidance: 0.5 is out of range; allowed: 1..30 (1 = off)"),
+        ({"balanced": {"per_class": 2}, "sampler": {"autoguidance": 2.0, "guidance": 2.0}},
+         "recipe.sampler: guidance 2 and autoguidance 2 are both set; use one of them"),
+        ({"balanced": {"per_class": 2}, "sampler": {"guidance": 2.0}, "overrides": {"tumour": {"autoguidance": 2}}},
+         "recipe.overrides.tumour: guidance 2 and autoguidance 2 are both set"),
     ],
 )
 def test_bad_recipes_name_the_key_and_allowed_values(data, message):
@@ -202,6 +208,15 @@ def test_fingerprint_ignores_batch_size_but_not_counts():
     c = Plan(recipe(balanced={"total": 9}), CLASSES, "h")
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
     assert Plan(recipe(balanced={"total": 8}), CLASSES, "other-bundle").fingerprint() != a.fingerprint()
+
+
+def test_fingerprint_of_plans_without_autoguidance_is_unchanged_by_the_new_key():
+    """Folders made before autoguidance existed must still resume: the key is left out of the plan when off."""
+    plain = Plan(recipe(balanced={"total": 8}), CLASSES, "h")
+    explicit = Plan(recipe(balanced={"total": 8}, sampler={"autoguidance": 1.0}), CLASSES, "h")
+    guided = Plan(recipe(balanced={"total": 8}, sampler={"autoguidance": 2.0}), CLASSES, "h")
+    assert all("autoguidance" not in c["sampler"] for c in plain.describe()["classes"])
+    assert plain.fingerprint() == explicit.fingerprint() != guided.fingerprint()
 
 
 @pytest.mark.parametrize("text", ["1", "2/2", "a/b", "-1/3", "0/0"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from histosynth.diffusion.samplers import (
+    autoguidance,
     classifier_free_guidance,
     ddim_step,
     dpmpp_2m_step,
@@ -220,6 +221,29 @@ def test_classifier_free_guidance_per_sample_scale_one_call():
     plain = classifier_free_guidance(denoise, torch.ones(3), null_id=9)
     plain(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]))
     assert calls == [3]  # no guidance, no extra evaluation
+
+
+def test_autoguidance_per_sample_scale_and_guide_only_for_guided_rows():
+    main_calls, guide_calls = [], []
+
+    def main(x, t, y):
+        main_calls.append(len(y))
+        return x * 0 + 2.0 + y.view(-1, 1, 1, 1).float()  # main output: 2 + class id
+
+    def guide(x, t, y):
+        guide_calls.append(y.tolist())
+        return x * 0 + 10.0  # the weak model's output
+
+    guided = autoguidance(main, guide, torch.tensor([1.0, 2.0, 1.5]))
+    out = guided(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]))
+    assert main_calls == [3] and guide_calls == [[1, 2]]  # the guide sees only the rows with w != 1, same classes
+    # w=1 -> main (2); w=2 -> 10 + 2 (3 - 10) = -4; w=1.5 -> 10 + 1.5 (4 - 10) = 1
+    assert out[:, 0, 0, 0].tolist() == [2.0, -4.0, 1.0]
+    guide_calls.clear()
+    plain = autoguidance(main, guide, torch.ones(3))
+    assert plain(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]))[:, 0, 0, 0].tolist() \
+        == [2.0, 3.0, 4.0]
+    assert guide_calls == []  # w = 1 everywhere: no guide evaluation
 
 
 def test_a_new_sampler_is_one_registry_entry(monkeypatch):

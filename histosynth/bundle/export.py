@@ -32,6 +32,8 @@ from histosynth.bundle.manifest import (
     DECODER_OUTPUT,
     DECODER_WEIGHTS,
     FORMAT_VERSION,
+    GUIDE_UNET_ONNX,
+    GUIDE_UNET_WEIGHTS,
     MANIFEST_NAME,
     REQUIRED_FILES,
     UNET_INPUTS,
@@ -67,6 +69,7 @@ class ExportReport:
     tolerance: float
     file_sizes: dict[str, int]  # bytes per file, manifest included
     seconds: float
+    guide_max_abs_diff: Optional[float] = None  # the guide UNet's, where the bundle has one
 
 
 def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -208,13 +211,17 @@ def export_bundle(
     overwrite: bool = False,
     seed: int = 0,
     on_stage: Callable[[str], None] | None = None,
+    guide_unet: Optional[UNet] = None,
+    guide_facts: Optional[Mapping[str, int]] = None,
 ) -> ExportReport:
     """Write a complete, verified bundle to `out_dir` and return an `ExportReport`.
 
     `vqgan` may be the full autoencoder or just its `LatentDecoder`; only the decoder half is written.
     `class_names[i]` names UNet class id `i`; `class_labels[i]` / `class_label_names[i]` (optional) record the
     lab's label value and its name that class `i` stands for (the label map's `label`, `label_name`). Raises `InputError` for inconsistent arguments and `RunError`
-    when ONNX Runtime disagrees with torch by more than `tolerance` (nothing is written then).
+    when ONNX Runtime disagrees with torch by more than `tolerance` (nothing is written then). `guide_unet`
+    (optional) is a weaker UNet of the same latents and classes, shipped for autoguidance with its
+    `guide_facts` (`step`, `samples_seen`) in its weights file.
     """
     start = time.perf_counter()
     stage = on_stage or (lambda _msg: None)
@@ -238,6 +245,13 @@ def export_bundle(
             f"labels: class ids must follow the sorted order of names (got {', '.join(class_names)}), so that "
             "generate's class folders sort in id order; `histosynth review apply` numbers classes this way"
         )
+    guide_config: Optional[UNetConfig] = None if guide_unet is None else guide_unet.config
+    if guide_config is not None and (guide_config.in_channels, guide_config.num_classes) != (
+            unet_config.in_channels, unet_config.num_classes):
+        raise InputError(
+            f"guide UNet: {guide_config.in_channels} channels and {guide_config.num_classes} classes, the UNet "
+            f"{unet_config.in_channels} and {unet_config.num_classes}; a guide must model the same latents and classes"
+        )
     if unet_config.in_channels != vq_config.latent_channels:
         raise InputError(
             f"unet.in_channels ({unet_config.in_channels}) != vqgan.latent_channels ({vq_config.latent_channels}):"
@@ -259,6 +273,8 @@ def export_bundle(
                                 _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), provenance.extra)
 
     latent_shape = (vq_config.latent_channels, tile_size // f, tile_size // f)
+    unet_files = [(UNET_ONNX, UNET_WEIGHTS)] + ([(GUIDE_UNET_ONNX, GUIDE_UNET_WEIGHTS)] if guide_unet else [])
+    file_names = [name for pair in unet_files for name in pair] + [DECODER_ONNX, DECODER_WEIGHTS]
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         tile_size=tile_size,
@@ -269,16 +285,18 @@ def export_bundle(
         classes=[ClassEntry(i, name, label, label_name)
                  for i, (name, label, label_name) in enumerate(zip(class_names, labels_of, label_names_of))],
         null_id=unet_config.num_classes,
-        files={name: "0" * 64 for name in (UNET_ONNX, DECODER_ONNX, UNET_WEIGHTS, DECODER_WEIGHTS)},
+        files={name: "0" * 64 for name in file_names},
         provenance=provenance,
         unet=to_dict(unet_config),
         vqgan=to_dict(vq_config),
         created_with=histosynth.__version__,
+        guide_unet={} if guide_config is None else to_dict(guide_config),
     )
     # Round trip through the parser: every nested check (class names, shapes) runs before any slow work.
     manifest = manifest_from_dict(to_dict(manifest))
 
     unet_cpu = _cpu_copy(unet)
+    guide_cpu = None if guide_unet is None else _cpu_copy(guide_unet)
     decoder_cpu = BundleDecoder(_cpu_copy(latent_decoder), latent_scale).eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -297,6 +315,10 @@ def export_bundle(
         seen = provenance.extra.get("samples_seen") or {}
         save_checkpoint(unet_cpu, tmp / UNET_WEIGHTS, manifest.unet,
                         {"kind": "unet", **_facts(provenance.steps.get("ldm"), seen.get("ldm"))})
+        if guide_cpu is not None:
+            facts = dict(guide_facts or {})
+            save_checkpoint(guide_cpu, tmp / GUIDE_UNET_WEIGHTS, manifest.guide_unet,
+                            {"kind": "unet", "role": "guide", **_facts(facts.get("step"), facts.get("samples_seen"))})
         save_checkpoint(decoder_cpu.latent_decoder, tmp / DECODER_WEIGHTS, manifest.vqgan,
                         {"kind": "decoder", "latent_scale": float(latent_scale),
                          **_facts(provenance.steps.get("vqgan"), seen.get("vqgan"))})
@@ -316,31 +338,36 @@ def export_bundle(
 
         stage("exporting unet.onnx")
         _export_onnx(unet_cpu, (x, t, class_ids), tmp / UNET_ONNX, UNET_INPUTS, UNET_OUTPUT)
+        if guide_cpu is not None:
+            stage("exporting guide_unet.onnx")
+            _export_onnx(guide_cpu, (x, t, class_ids), tmp / GUIDE_UNET_ONNX, UNET_INPUTS, UNET_OUTPUT)
         stage("exporting decoder.onnx")
         _export_onnx(decoder_cpu, (latents,), tmp / DECODER_ONNX, (DECODER_INPUT,), DECODER_OUTPUT)
 
         stage("checking ONNX Runtime against torch")
-        with torch.inference_mode():
-            ref_unet = unet_cpu(x, t, class_ids)
-            ref_images = decoder_cpu(latents)
+        unet_inputs = {"x": x.numpy(), "t": t.numpy(), "class_ids": class_ids.numpy()}
+        diffs: dict[str, float] = {}
         try:
-            unet_ort = _ort_session(tmp / UNET_ONNX).run(
-                [UNET_OUTPUT], {"x": x.numpy(), "t": t.numpy(), "class_ids": class_ids.numpy()})[0]
+            for name, module, onnx_file in (("unet", unet_cpu, UNET_ONNX), ("guide unet", guide_cpu, GUIDE_UNET_ONNX)):
+                if module is not None:
+                    with torch.inference_mode():
+                        ref = module(x, t, class_ids)
+                    diffs[name] = _max_abs_diff(_ort_session(tmp / onnx_file).run([UNET_OUTPUT], unet_inputs)[0], ref)
+            with torch.inference_mode():
+                ref_images = decoder_cpu(latents)
             images_ort = _ort_session(tmp / DECODER_ONNX).run([DECODER_OUTPUT], {DECODER_INPUT: latents.numpy()})[0]
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise RunError(f"ONNX Runtime cannot run the exported model: {e}") from None
-        unet_diff = _max_abs_diff(unet_ort, ref_unet)
-        decoder_diff = _max_abs_diff(images_ort, ref_images)
-        for name, diff in (("unet", unet_diff), ("decoder", decoder_diff)):
+        diffs["decoder"] = _max_abs_diff(images_ort, ref_images)
+        unet_diff, decoder_diff = diffs["unet"], diffs["decoder"]
+        for name, diff in diffs.items():
             if not diff <= tolerance:  # also catches NaN
                 raise RunError(
                     f"export: ONNX Runtime differs from torch on the {name} by {diff:.3g} (tolerance {tolerance:g})"
                 )
 
         stage("writing manifest")
-        manifest = manifest.replace(
-            files={name: sha256_file(tmp / name) for name in (UNET_ONNX, DECODER_ONNX, UNET_WEIGHTS, DECODER_WEIGHTS)}
-        )
+        manifest = manifest.replace(files={name: sha256_file(tmp / name) for name in file_names})
         write_manifest(manifest, tmp / MANIFEST_NAME)  # last: a folder without it is not a bundle
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         if old_owned is None:
@@ -350,7 +377,8 @@ def export_bundle(
     finally:
         # Empty or gone after a successful move; the partial export after a failure.
         shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out, manifest, unet_diff, decoder_diff, tolerance, sizes, time.perf_counter() - start)
+    return ExportReport(out, manifest, unet_diff, decoder_diff, tolerance, sizes, time.perf_counter() - start,
+                        diffs.get("guide unet"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,11 +407,13 @@ def export_from_checkpoints(
     tolerance: float = 1e-3,
     overwrite: bool = False,
     on_stage: Callable[[str], None] | None = None,
+    guide_unet_ckpt: str | Path | None = None,
 ) -> ExportReport:
     """`histosynth export`: rebuild both networks from their checkpoints and write a bundle.
 
     Facts not given as arguments come from the checkpoints' `extra` metadata (UNet first, then VQ-GAN;
     keys in docs/bundle.md). A missing required fact is an `InputError` naming the option to pass.
+    `guide_unet_ckpt` adds a weaker UNet checkpoint of the same latents and classes for autoguidance.
     """
     stage = on_stage or (lambda _msg: None)
     stage("reading checkpoints")
@@ -411,6 +441,19 @@ def export_from_checkpoints(
         load_state_dict(decoder, vq_state, vqgan_ckpt)
     unet = UNet(from_dict(UNetConfig, unet_config, f"{unet_ckpt}: config"))
     load_state_dict(unet, unet_state, unet_ckpt)
+    guide = None
+    guide_facts: dict[str, int] = {}
+    if guide_unet_ckpt is not None:
+        guide_state, guide_config, guide_extra = load_checkpoint(guide_unet_ckpt)
+        if guide_extra.get("kind") not in (None, "unet", "ldm", "cldm"):
+            raise InputError(f"{guide_unet_ckpt}: is a {guide_extra.get('kind')!r} checkpoint, expected a UNet")
+        guide_names = guide_extra.get("class_names")
+        if guide_names and list(guide_names) != label_names:
+            raise InputError(f"{guide_unet_ckpt}: trained on classes {list(guide_names)}, the label map has "
+                             f"{label_names}; a guide must share the UNet's classes")
+        guide = UNet(from_dict(UNetConfig, guide_config, f"{guide_unet_ckpt}: config"))
+        load_state_dict(guide, guide_state, guide_unet_ckpt)
+        guide_facts = {k: int(guide_extra[k]) for k in ("step", "samples_seen") if isinstance(guide_extra.get(k), int)}
 
     tile = _pick("tile_size", tile_size, unet_extra, vq_extra)
     if tile is None:
@@ -426,8 +469,10 @@ def export_from_checkpoints(
     provenance = Provenance(
         data=str(_pick("data", data, unet_extra, vq_extra) or ""),
         steps=steps,
-        extra={**labels.extra, "checkpoints": {"vqgan": Path(vqgan_ckpt).name, "unet": Path(unet_ckpt).name},
-               **({"samples_seen": seen} if seen else {})},
+        extra={**labels.extra, "checkpoints": {"vqgan": Path(vqgan_ckpt).name, "unet": Path(unet_ckpt).name,
+                                               **({"guide_unet": Path(guide_unet_ckpt).name} if guide else {})},
+               **({"samples_seen": seen} if seen else {}),
+               **({"guide_unet": guide_facts} if guide else {})},
     )
     return export_bundle(
         decoder, unet, out_dir,
@@ -442,4 +487,6 @@ def export_from_checkpoints(
         tolerance=tolerance,
         overwrite=overwrite,
         on_stage=on_stage,
+        guide_unet=guide,
+        guide_facts=guide_facts,
     )

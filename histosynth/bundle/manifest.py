@@ -26,6 +26,10 @@ DECODER_ONNX = "decoder.onnx"
 UNET_WEIGHTS = "unet.safetensors"
 DECODER_WEIGHTS = "decoder.safetensors"
 REQUIRED_FILES = (UNET_ONNX, DECODER_ONNX, UNET_WEIGHTS, DECODER_WEIGHTS)
+# An optional weaker UNet for autoguidance (added within format version 1): both files, or neither.
+GUIDE_UNET_ONNX = "guide_unet.onnx"
+GUIDE_UNET_WEIGHTS = "guide_unet.safetensors"
+GUIDE_FILES = (GUIDE_UNET_ONNX, GUIDE_UNET_WEIGHTS)
 # Names of the ONNX graphs' inputs and outputs (part of the format: the ONNX backend binds by name).
 UNET_INPUTS = ("x", "t", "class_ids")  # float32 (N,C,h,w), float32 (N,) train timesteps, int64 (N,)
 UNET_OUTPUT = "model_output"  # float32 (N,C,h,w): epsilon or v
@@ -88,6 +92,9 @@ class Manifest:
     unet: dict[str, Any] = field(default_factory=dict)  # UNetConfig as a dict (rebuilds the torch UNet)
     vqgan: dict[str, Any] = field(default_factory=dict)  # VQGANConfig as a dict (rebuilds the decoder)
     created_with: str = ""  # histosynth version that wrote the bundle
+    # UNetConfig of the autoguidance guide network, {} when the bundle has none. Left out of manifest.json when
+    # empty, so bundles without a guide keep their bytes (and hashes) and stay readable by older versions.
+    guide_unet: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
         require(1 <= self.format_version <= FORMAT_VERSION, f"{path}.format_version",
@@ -114,6 +121,16 @@ class Manifest:
                 f"must equal the number of classes ({len(self.classes)}), got {self.null_id}")
         missing = [f for f in REQUIRED_FILES if f not in self.files]
         require(not missing, f"{path}.files", f"missing entries for {', '.join(missing)}")
+        guide_files = [f for f in GUIDE_FILES if f in self.files]
+        if self.guide_unet:
+            require(len(guide_files) == len(GUIDE_FILES), f"{path}.files",
+                    f"guide_unet is set but the files list lacks {', '.join(sorted(set(GUIDE_FILES) - set(guide_files)))}")
+            for key in ("in_channels", "num_classes"):
+                require(self.guide_unet.get(key) == self.unet.get(key), f"{path}.guide_unet.{key}",
+                        f"{self.guide_unet.get(key)} differs from the UNet's {self.unet.get(key)}; the guide must "
+                        "see the same latents and classes")
+        else:
+            require(not guide_files, f"{path}.guide_unet", f"missing, but the files list has {', '.join(guide_files)}")
         for name, digest in self.files.items():
             require(Path(name).name == name and name not in (".", "..", MANIFEST_NAME), f"{path}.files",
                     f"{name!r} must be a plain file name inside the bundle")
@@ -130,11 +147,18 @@ class Manifest:
         """Class names in id order."""
         return [c.name for c in self.classes]
 
+    @property
+    def has_guide(self) -> bool:
+        """Whether the bundle ships a guide network for autoguidance."""
+        return bool(self.guide_unet)
+
     def to_json(self) -> str:
         """The manifest as pretty, key-sorted JSON text (stable bytes, so its hash is stable)."""
         data = to_dict(self)
         data["classes"] = [{k: v for k, v in c.items() if v is not None or k not in _OPTIONAL_CLASS_KEYS}
                            for c in data["classes"]]
+        if not data["guide_unet"]:
+            del data["guide_unet"]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def replace(self, **changes: Any) -> "Manifest":

@@ -16,6 +16,8 @@ import torch
 from histosynth.bundle.manifest import (
     DECODER_ONNX,
     DECODER_WEIGHTS,
+    GUIDE_UNET_ONNX,
+    GUIDE_UNET_WEIGHTS,
     MANIFEST_NAME,
     UNET_ONNX,
     UNET_WEIGHTS,
@@ -101,6 +103,15 @@ class Bundle:
     def decoder_onnx(self) -> Path:
         return self.file(DECODER_ONNX)
 
+    @property
+    def has_guide(self) -> bool:
+        """Whether the bundle ships a guide network (`autoguidance` in recipes)."""
+        return self.manifest.has_guide
+
+    @property
+    def guide_unet_onnx(self) -> Path:
+        return self.file(GUIDE_UNET_ONNX)
+
     def class_id(self, name: str) -> int:
         """The id of class `name`; an `InputError` listing the valid names otherwise."""
         for entry in self.manifest.classes:
@@ -113,6 +124,15 @@ class Bundle:
         from histosynth.bundle.modules import build_unet_module
 
         return build_unet_module(self.manifest.unet, self.file(UNET_WEIGHTS)).to(device=device, dtype=dtype).eval()
+
+    def build_guide_unet(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The torch guide UNet from ``guide_unet.safetensors``; an `InputError` when the bundle has none."""
+        from histosynth.bundle.modules import build_unet_module
+
+        if not self.has_guide:
+            raise InputError(f"bundle {self.path}: ships no guide network (autoguidance needs one)")
+        module = build_unet_module(self.manifest.guide_unet, self.file(GUIDE_UNET_WEIGHTS))
+        return module.to(device=device, dtype=dtype).eval()
 
     def build_decoder(
         self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32

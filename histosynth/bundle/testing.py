@@ -68,22 +68,27 @@ def tiny_bundle(
     seed: int = 0,
     prediction: str = "epsilon",
     latent_channels: int = 3,
+    guide: bool = False,
 ) -> Path:
-    """Export a tiny bundle to ``tmp_path / name`` and return its folder (classes from `TISSUE_NAMES`)."""
+    """Export a tiny bundle to ``tmp_path / name`` and return its folder (classes from `TISSUE_NAMES`).
+
+    `guide` adds a guide UNet for autoguidance: the same tiny UNet from another seed.
+    """
     global _CACHE_ROOT
-    key = (num_classes, tile_size, seed, prediction, latent_channels)
+    key = (num_classes, tile_size, seed, prediction, latent_channels, guide)
     if key not in _CACHE:
         if _CACHE_ROOT is None:
             _CACHE_ROOT = Path(tempfile.mkdtemp(prefix="histosynth-tiny-bundles-"))
             atexit.register(shutil.rmtree, _CACHE_ROOT, True)
         _CACHE[key] = _export_tiny(_CACHE_ROOT / f"b{len(_CACHE)}", num_classes, tile_size, seed, prediction,
-                                   latent_channels)
+                                   latent_channels, guide)
     return Path(shutil.copytree(_CACHE[key], Path(tmp_path) / name))
 
 
 def _export_tiny(out: Path, num_classes: int, tile_size: int, seed: int, prediction: str,
-                 latent_channels: int) -> Path:
+                 latent_channels: int, guide: bool) -> Path:
     vqgan, unet = tiny_networks(num_classes, seed, latent_channels)
+    guide_unet = tiny_networks(num_classes, seed + 1, latent_channels)[1] if guide else None
     names = sorted(TISSUE_NAMES[i] if i < len(TISSUE_NAMES) else f"class{i:03d}" for i in range(num_classes))
     report = export_bundle(
         vqgan, unet, out,
@@ -94,5 +99,7 @@ def _export_tiny(out: Path, num_classes: int, tile_size: int, seed: int, predict
         microns_per_pixel=0.5,
         provenance=Provenance(data="random weights (histosynth.bundle.testing)", steps={"vqgan": 0, "ldm": 0},
                               extra={"K": num_classes}),
+        guide_unet=guide_unet,
+        guide_facts={"step": 0, "samples_seen": 0} if guide else None,
     )
     return report.path

@@ -26,6 +26,9 @@ def export_command(
     tolerance: float = typer.Option(1e-3, help="Largest allowed |ONNX Runtime - torch| on the parity check."),
     overwrite: bool = typer.Option(False,
                                    help="Replace the bundle in --out (its own files only; other files stay)."),
+    guide_unet: Optional[Path] = typer.Option(
+        None, "--guide-unet", help="A weaker UNet checkpoint of the same latents and classes (an earlier or smaller "
+                                   "one), shipped for autoguidance (docs/generate.md)."),
 ) -> None:
     """Write a bundle (ONNX + safetensors + manifest) and check ONNX Runtime against torch."""
     from histosynth.bundle.export import export_from_checkpoints
@@ -34,7 +37,7 @@ def export_command(
         report = export_from_checkpoints(
             vqgan, unet, labels, out, tile_size=tile_size, microns_per_pixel=mpp, latent_scale=latent_scale,
             data=data, tolerance=tolerance, overwrite=overwrite,
-            on_stage=lambda msg: status.update(f"export: {msg}"),
+            on_stage=lambda msg: status.update(f"export: {msg}"), guide_unet_ckpt=guide_unet,
         )
     m = report.manifest
     table = Table(title=f"bundle {report.path}")
@@ -46,7 +49,8 @@ def export_command(
     console.print(table)
     console.print(f"classes: {', '.join(m.class_names)} (null id {m.null_id}); tile {m.tile_size} px at "
                   f"{m.microns_per_pixel:g} um/px; latents {tuple(m.latent_shape)} x {m.latent_scale:.4g}")
-    console.print(f"ONNX Runtime vs torch, max |diff|: unet {report.unet_max_abs_diff:.2e}, decoder "
+    guide = "" if report.guide_max_abs_diff is None else f", guide unet {report.guide_max_abs_diff:.2e}"
+    console.print(f"ONNX Runtime vs torch, max |diff|: unet {report.unet_max_abs_diff:.2e}{guide}, decoder "
                   f"{report.decoder_max_abs_diff:.2e} (tolerance {report.tolerance:g}); {report.seconds:.1f} s")
 
 

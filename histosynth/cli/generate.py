@@ -64,11 +64,11 @@ def generate_command(
     if dry_run:
         summary = summarize_plan(recipe, options)
         table = Table(title=f"plan: {recipe} -> {out}" + (f" (shard {shard})" if shard else ""))
-        for column in ("id", "class", "tiles", "sampler", "steps", "guidance", "train/val"):
+        for column in ("id", "class", "tiles", "sampler", "steps", "guidance", "autoguidance", "train/val"):
             table.add_column(column)
         for r in summary.rows:
             table.add_row(str(r["class_id"]), r["name"], str(r["count"]), r["sampler"], str(r["steps"]),
-                          f"{r['guidance']:g}", f"{r['train']}/{r['val']}")
+                          f"{r['guidance']:g}", f"{r['autoguidance']:g}", f"{r['train']}/{r['val']}")
         console.print(table)
         console.print("files: " + ", ".join(str(out / p) for p in summary.layout), highlight=False, soft_wrap=True)
         b = summary.backend

@@ -33,6 +33,11 @@ def info_command(
         summary.add_row("latents", f"{tuple(m.latent_shape)}, scale {m.latent_scale:.4g}")
         summary.add_row("schedule", f"{m.schedule.kind}, T={m.schedule.num_train_steps}, {m.prediction}-prediction")
         summary.add_row("null id", str(m.null_id))
+        guide = m.provenance.extra.get("guide_unet") or {}
+        summary.add_row("autoguidance", "no guide network (recipes: autoguidance 1)" if not m.has_guide else
+                        f"guide UNet, base {m.guide_unet.get('base_channels', '?')} channels"
+                        + (f", {guide['samples_seen']:,} latents seen" if "samples_seen" in guide else "")
+                        + " (recipes: autoguidance > 1)")
         p = m.provenance
         summary.add_row("provenance", f"data: {p.data or '-'}; steps: {p.steps or '-'}; date: {p.date or '-'}")
         console.print(summary)

@@ -113,13 +113,18 @@ def _sweep_section(records: list[dict[str, Any]], out_dir: Path, tag: str) -> li
     # KID comes as a {mean, std} dict from `evaluate fid` and as flat kid_mean/kid_std from the benchmarks.
     records = [{**r, "kid": r["kid"].get("mean")} if isinstance(r.get("kid"), dict) else
                ({**r, "kid": r["kid_mean"]} if "kid_mean" in r else r) for r in records]
-    keys = [k for k in ("sampler", "steps", "guidance", "fid", "kid", "seconds", "seconds_per_image") if any(k in r for r in records)]
+    keys = [k for k in ("sampler", "steps", "guidance", "autoguidance", "fid", "kid", "seconds", "seconds_per_image")
+            if any(k in r for r in records)]
     out += _table(keys, [[r.get(k) for k in keys] for r in records])
     series: dict[str, tuple[list[float], list[float], None]] = {}
     for r in sorted(records, key=lambda r: r.get("steps", 0)):
         if r.get("fid") is not None and "steps" in r:  # timing-only records (--no-fid) have no FID to plot
-            guided = r.get("guidance") not in (None, 1.0)  # one line per sampler and guidance scale
-            name = str(r.get("sampler", "?")) + (f" (guidance {r['guidance']:g})" if guided else "")
+            # One line per sampler and guidance (or autoguidance) scale.
+            name = str(r.get("sampler", "?"))
+            if r.get("guidance") not in (None, 1.0):
+                name += f" (guidance {r['guidance']:g})"
+            if r.get("autoguidance") not in (None, 1.0):
+                name += f" (autoguidance {r['autoguidance']:g})"
             xs, ys, _ = series.setdefault(name, ([], [], None))
             xs.append(r["steps"])
             ys.append(r["fid"])

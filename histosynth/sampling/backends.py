@@ -43,6 +43,10 @@ class Backend(Protocol):
         """UNet output for noisy latents `x (N, C, h, w)`, train timesteps `t (N,)`, `class_ids (N,)` int64."""
         ...
 
+    def denoise_guide(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """The bundle's guide UNet (autoguidance), same inputs and output as `denoise`; `InputError` without one."""
+        ...
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Diffusion-space latents (N, C, h, w) -> uint8 images (N, H, W, 3)."""
         ...
@@ -77,13 +81,23 @@ class TorchBackend:
         self.decoder_dtype = decoder_dtype
         self.providers: list[str] = []
         self.unet = bundle.build_unet(dev, unet_dtype)
+        self.guide = bundle.build_guide_unet(dev, unet_dtype) if bundle.has_guide else None
+        self._bundle_path = bundle.path
         self.decoder = bundle.build_decoder(dev, decoder_dtype)
 
     @torch.inference_mode()
     def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        out = self.unet(
-            x.to(self._device, self.unet_dtype), t.to(self._device), class_ids.to(self._device, torch.int64)
-        )
+        return self._run_unet(self.unet, x, t, class_ids)
+
+    @torch.inference_mode()
+    def denoise_guide(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        if self.guide is None:
+            raise _no_guide(self._bundle_path)
+        return self._run_unet(self.guide, x, t, class_ids)
+
+    def _run_unet(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                  class_ids: torch.Tensor) -> torch.Tensor:
+        out = unet(x.to(self._device, self.unet_dtype), t.to(self._device), class_ids.to(self._device, torch.int64))
         return out.to(x.device, x.dtype)
 
     @torch.inference_mode()
@@ -122,6 +136,8 @@ class OnnxBackend:
         if dev.type == "cuda":
             providers = [(_CUDA_EP, {"device_id": dev.index or 0}), _CPU_EP]
         self.unet_session = _session(ort, bundle.unet_onnx, providers)
+        self.guide_session = _session(ort, bundle.guide_unet_onnx, providers) if bundle.has_guide else None
+        self._bundle_path = bundle.path
         self.decoder_session = _session(ort, bundle.decoder_onnx, providers)
         active = self.unet_session.get_providers()
         if dev.type == "cuda" and active[0] != _CUDA_EP:
@@ -135,12 +151,21 @@ class OnnxBackend:
         self._t_dtype = torch.int64 if t_input.type == "tensor(int64)" else torch.float32
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        return self._run_unet(self.unet_session, x, t, class_ids)
+
+    def denoise_guide(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        if self.guide_session is None:
+            raise _no_guide(self._bundle_path)
+        return self._run_unet(self.guide_session, x, t, class_ids)
+
+    def _run_unet(self, session: Any, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        # Both UNet graphs come from the same exporter, so they share the time input's dtype.
         inputs = {
             UNET_INPUTS[0]: x.to(self._tensor_device, torch.float32).contiguous(),
             UNET_INPUTS[1]: t.to(self._tensor_device, self._t_dtype).contiguous(),
             UNET_INPUTS[2]: class_ids.to(self._tensor_device, torch.int64).contiguous(),
         }
-        out = self._run(self.unet_session, inputs, UNET_OUTPUT, tuple(x.shape))
+        out = self._run(session, inputs, UNET_OUTPUT, tuple(x.shape))
         return out.to(x.device, x.dtype)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -170,6 +195,10 @@ class OnnxBackend:
 
 
 _NP_TYPES = {torch.float32: np.float32, torch.int64: np.int64}
+
+
+def _no_guide(bundle_path: Any) -> InputError:
+    return InputError(f"bundle {bundle_path}: ships no guide network; autoguidance needs one (allowed: 1, off)")
 
 
 def _check_onnx_device(dev: torch.device) -> None:

@@ -134,13 +134,22 @@ class Plan:
             "split": asdict(r.split) if r.split else None,
             "classes": [
                 {"class_id": c.class_id, "name": c.name, "count": c.count, "n_train": c.n_train,
-                 "sampler": asdict(c.sampler)}
+                 "sampler": _sampler_facts(c.sampler)}
                 for c in self.classes
             ],
         }
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
+
+
+def _sampler_facts(spec: SamplerSpec) -> dict:
+    """The sampler's fields for the fingerprint. Autoguidance came later: left out when off, so that folders made
+    before it existed still resume."""
+    facts = asdict(spec)
+    if facts.get("autoguidance") == 1.0:
+        del facts["autoguidance"]
+    return facts
 
 
 class ImageNoise:

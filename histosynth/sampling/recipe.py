@@ -28,14 +28,22 @@ class SamplerSpec:
     """How each image is sampled."""
 
     name: SamplerName = "dpmpp2m"  # sampler (registry: diffusion/samplers.py); dpmpp2m at 20 steps is fast
-    steps: int = 20  # denoiser evaluations, 1..T (x2 for rows with guidance != 1)
+    steps: int = 20  # denoiser evaluations, 1..T (x2 for rows with guidance or autoguidance != 1)
     eta: float = 0.0  # stochasticity 0..1, used by ddim; ddpm always uses 1, dpmpp2m ignores it
     guidance: float = 1.0  # classifier-free guidance scale w, 0..30; 1 = the plain conditional model (the paper)
+    # Autoguidance scale w, 1..30: guide by the bundle's weaker UNet (Karras et al. 2024); 1 = off. Only for
+    # bundles that ship one (`histosynth info` says), and not together with classifier-free guidance.
+    autoguidance: float = 1.0
 
     def validate(self, path: str) -> None:
         require(1 <= self.steps <= MAX_STEPS, f"{path}.steps", f"{self.steps} is out of range; allowed: 1..{MAX_STEPS}")
         require(0.0 <= self.eta <= 1.0, f"{path}.eta", f"{self.eta} is out of range; allowed: 0..1")
         require(0.0 <= self.guidance <= 30.0, f"{path}.guidance", f"{self.guidance} is out of range; allowed: 0..30")
+        require(1.0 <= self.autoguidance <= 30.0, f"{path}.autoguidance",
+                f"{self.autoguidance} is out of range; allowed: 1..30 (1 = off)")
+        require(self.guidance == 1.0 or self.autoguidance == 1.0, path,
+                f"guidance {self.guidance:g} and autoguidance {self.autoguidance:g} are both set; "
+                "use one of them (the other stays 1)")
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class SamplerOverride:
     steps: Optional[int] = None  # this class's steps
     eta: Optional[float] = None  # this class's eta
     guidance: Optional[float] = None  # this class's guidance scale
+    autoguidance: Optional[float] = None  # this class's autoguidance scale
 
     def apply(self, base: SamplerSpec, path: str) -> SamplerSpec:
         spec = SamplerSpec(
@@ -53,6 +62,7 @@ class SamplerOverride:
             steps=base.steps if self.steps is None else self.steps,
             eta=base.eta if self.eta is None else self.eta,
             guidance=base.guidance if self.guidance is None else self.guidance,
+            autoguidance=base.autoguidance if self.autoguidance is None else self.autoguidance,
         )
         spec.validate(path)
         return spec

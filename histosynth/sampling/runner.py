@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from histosynth.configio import to_dict
-from histosynth.diffusion.samplers import classifier_free_guidance, get_sampler, sample
+from histosynth.diffusion.samplers import autoguidance, classifier_free_guidance, get_sampler, sample
 from histosynth.diffusion.schedule import NoiseSchedule
 from histosynth.errors import InputError, RunError
 from histosynth.sampling.plan import ImageNoise, Item, Plan, Shard
@@ -36,7 +36,7 @@ from histosynth.io import check_writable, stale_temporaries, write_bytes, write_
 
 META = ".histosynth"
 MANIFEST_COLUMNS = ("path", "class_name", "class_id", "index", "seed", "sampler", "steps", "eta", "guidance",
-                    "bundle_hash", "backend", "device")
+                    "autoguidance", "bundle_hash", "backend", "device")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,9 @@ def load_plan(recipe_path: Path, bundle_override: Optional[Path] = None, verify:
     for c in plan.classes:
         if c.sampler.steps > T:
             raise InputError(f"recipe: {c.name} asks for {c.sampler.steps} steps; allowed: 1..{T} for this bundle")
+        if c.sampler.autoguidance != 1.0 and not bundle.has_guide:
+            raise InputError(f"recipe: {c.name} asks for autoguidance {c.sampler.autoguidance:g}, but bundle "
+                             f"{bundle.path} ships no guide network; allowed: 1 (off) with this bundle")
     return recipe, bundle, plan
 
 
@@ -99,7 +102,8 @@ def describe_plan(plan: Plan, shard: Shard = Shard()) -> list[dict]:
     for c in plan.classes:
         s = c.sampler
         rows.append({"class_id": c.class_id, "name": c.name, "count": counts[c.class_id], "sampler": s.name,
-                     "steps": s.steps, "guidance": s.guidance, "train": c.n_train, "val": c.count - c.n_train})
+                     "steps": s.steps, "guidance": s.guidance, "autoguidance": s.autoguidance, "train": c.n_train,
+                     "val": c.count - c.n_train})
     return rows
 
 
@@ -277,7 +281,7 @@ def _manifest_rows(out: Path, plan: Plan, shard: Shard, done: dict[int, bytearra
         backend, device = sessions[session - 1]
         s = item.sampler
         yield [item.relpath, item.name, item.class_id, item.index, item.seed, s.name, s.steps, s.eta, s.guidance,
-               plan.bundle_hash, backend, device]
+               s.autoguidance, plan.bundle_hash, backend, device]
 
 
 def _write_manifest(path: Path, rows: Iterator[list]) -> None:
@@ -288,7 +292,7 @@ def _write_manifest(path: Path, rows: Iterator[list]) -> None:
 
 
 def _batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
-    """Consecutive items with the same sampler and steps (one sampler call); guidance may differ per item."""
+    """Consecutive items with the same sampler and steps (one sampler call); guidance scales may differ per item."""
     batch: list[Item] = []
     for item in items:
         if batch and (len(batch) == batch_size or (item.sampler.name, item.sampler.steps, item.sampler.eta) !=
@@ -309,6 +313,10 @@ def generate_batch(backend, schedule: NoiseSchedule, items: list[Item], latent_s
     class_ids = torch.tensor([it.class_id for it in items], dtype=torch.long, device=device)
     guidance = torch.tensor([it.sampler.guidance for it in items], dtype=torch.float32)
     denoise = classifier_free_guidance(backend.denoise, guidance, null_id)
+    auto = torch.tensor([it.sampler.autoguidance for it in items], dtype=torch.float32)
+    if bool((auto != 1.0).any()):
+        # A recipe row has one of the two (SamplerSpec.validate), so the guide never sees a CFG-combined output.
+        denoise = autoguidance(denoise, backend.denoise_guide, auto)
     s = items[0].sampler
     stochastic = get_sampler(s.name).stochastic(s.eta)
     latents = sample(denoise, schedule, x_T, class_ids, sampler=s.name, steps=s.steps, eta=s.eta,
