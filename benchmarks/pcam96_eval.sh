@@ -8,6 +8,9 @@
 # clustered with and its IMC head) stays fixed across bundles so that controllability is comparable between rounds.
 # Writes JSON per metric into OUT. The validation tiles (pcam/valid) are only measured: nothing here chooses
 # anything from them. Steps: budget control memorization downstream speed (default: all).
+# AUTOGUIDANCE=W samples the shared tiles (budget, memorization, downstream) with autoguidance W by the bundle's
+# guide network (default 1: none, the paper's setting), and adds a control run at W beside guidance 1 and 2
+# (CONTROL_RUNS, default "g1 g2", names those).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/pcam96/eval2}
@@ -27,13 +30,13 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # Generated tiles shared by the budget, memorization and downstream: PER_CLASS per class (default 1,000: 4,000;
 # the downstream protocol's 4x arm needs 4 x 1,000; a budget at n = 2,907 needs 727), dpmpp2m 20 steps, no
-# guidance (the paper's setting).
+# guidance (the paper's setting) unless AUTOGUIDANCE is set.
 cat > "$OUT/eval-recipe.yaml" <<EOF
 bundle: $(realpath --relative-to="$OUT" "$B")
 seed: 12345
 batch_size: 50
 balanced: {per_class: ${PER_CLASS:-1000}}
-sampler: {name: dpmpp2m, steps: 20, guidance: 1.0}
+sampler: {name: dpmpp2m, steps: 20, guidance: 1.0, autoguidance: ${AUTOGUIDANCE:-1.0}}
 EOF
 if has budget || has memorization || has downstream; then
   /usr/bin/time -f "%e s" -o "$OUT/generate_time.txt" \
@@ -55,24 +58,28 @@ fi
 # 2. Controllability, 100 tiles per class, with and without guidance: the label by a small CNN trained on labelled
 #    real training tiles (the tumour flag), the tissue cluster by the model's own IMC head.
 if has control; then
-  for g in 1 2; do
-    cat > "$OUT/control-recipe-g$g.yaml" <<EOF
+  runs=${CONTROL_RUNS-g1 g2}  # CONTROL_RUNS="" with AUTOGUIDANCE=W measures W alone
+  [[ "${AUTOGUIDANCE:-1}" =~ ^1(\.0*)?$ ]] || runs="$runs a${AUTOGUIDANCE}"
+  for g in $runs; do
+    scale=${g:1}
+    if [[ $g == a* ]]; then scales="guidance: 1.0, autoguidance: $scale"; else scales="guidance: $scale"; fi
+    cat > "$OUT/control-recipe-$g.yaml" <<EOF
 bundle: $(realpath --relative-to="$OUT" "$B")
 seed: 777
 batch_size: 50
 balanced: {per_class: 100}
-sampler: {name: dpmpp2m, steps: 20, guidance: $g.0}
+sampler: {name: dpmpp2m, steps: 20, $scales}
 EOF
-    histosynth generate --recipe "$OUT/control-recipe-g$g.yaml" --out "$OUT/control-g$g"
+    histosynth generate --recipe "$OUT/control-recipe-$g.yaml" --out "$OUT/control-$g"
     python - "$LABEL_MAP" "$OUT/class_to_label.yaml" <<'EOF'
 import sys, yaml
 classes = yaml.safe_load(open(sys.argv[1]))["classes"]
 yaml.safe_dump({c["name"]: int(c["label"]) for c in classes}, open(sys.argv[2], "w"))
 EOF
-    histosynth evaluate control --samples "$OUT/control-g$g" --vqgan "$JUDGE_VQGAN" \
+    histosynth evaluate control --samples "$OUT/control-$g" --vqgan "$JUDGE_VQGAN" \
       --head "$JUDGE_HEAD" --labels "$LABEL_MAP" --real $DATA/train \
       --real-labels $DATA/train_labels.csv --class-map "$OUT/class_to_label.yaml" \
-      --png "$OUT/control-g$g.png" --json "$OUT/control-g$g.json"
+      --png "$OUT/control-$g.png" --json "$OUT/control-$g.json"
   done
 fi
 
