@@ -333,3 +333,56 @@ python benchmarks/downstream.py --synthetic $R/down-r10/generated-g2 --bundle we
   --threads 1 --out $R/down-r10/downstream-g2
 python benchmarks/downstream.py --synthetic $R/eval-r10/generated --bundle weights/pcam96 --sizes 100,300 \
   --threads 1 --out $R/down-r10/downstream-g1
+# ---- Round 12 (2026-12-02, twelfth session; issue 8): no GPU lent; a fresh AMD EPYC machine. Autoguidance: the
+# networks stay round 10's; the bundle gains a guide UNet. Candidates, chosen on training tiles only:
+# (a) round 4's UNet, the shipped UNet's ancestor at 528,000 latents (its file lost its count; written back here) ...
+git show 07b6d05:weights/pcam96/unet.safetensors > $R/unet-round4.safetensors
+python - $R/unet-round4.safetensors $R/guide-round4.safetensors <<'PY'
+import sys
+from histosynth.runtime.weights import load_checkpoint, save_checkpoint
+from histosynth.diffusion.unet import UNet, UNetConfig
+from histosynth.configio import from_dict
+state, config, _ = load_checkpoint(sys.argv[1])
+unet = UNet(from_dict(UNetConfig, config, "unet"))
+unet.load_state_dict(state)
+save_checkpoint(unet, sys.argv[2], config, {"kind": "unet", "step": 16500, "samples_seen": 528000})
+PY
+export_guided() {  # export_guided GUIDE OUT: round 10's networks with GUIDE as the guide network
+  histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet weights/pcam96/unet.safetensors \
+    --latent-scale 0.6286898256435279 --labels weights/pcam96/training/label_map.yaml --out $2 --mpp 0.972 \
+    --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --guide-unet $1 ${3:-}
+}
+export_guided $R/guide-round4.safetensors $R/bundle-guide-round4
+python benchmarks/sampler_quality.py --bundle $R/bundle-guide-round4 --real ../shared/data/pcam/train --max-real 2000 \
+  --n 1000 --settings dpmpp2m:20,dpmpp2m:20:a1.5,dpmpp2m:20:a2,dpmpp2m:20:a2.5 --batch-size 50 --backend torch \
+  --json weights/pcam96/eval/round12/autoguidance_round4.json
+# (b) a quarter-width UNet from scratch on the shipped encoder's latents, one core, exported at 6,000, 12,000 and
+# 24,000 steps (rerunning with a larger --steps continues the run):
+histosynth train encode --vqgan weights/pcam96/next/vqgan-v2.safetensors --data ../shared/data/pcam/train \
+  --out $R/latents-v2 --batch-size 128
+for steps in 6000 12000 24000; do
+  histosynth train cldm --config configs/pcam96/cldm-guide-xs.yaml --run-dir $R/cldm-guide-xs --steps $steps
+  cp $R/cldm-guide-xs/unet.safetensors $R/guide-xs-$steps.safetensors
+  export_guided $R/guide-xs-$steps.safetensors $R/bundle-guide-xs-$steps
+done
+python benchmarks/sampler_quality.py --bundle $R/bundle-guide-xs-6000 --real ../shared/data/pcam/train --max-real 2000 \
+  --n 1000 --settings dpmpp2m:20:a1.5 --batch-size 50 --backend torch --json weights/pcam96/eval/round12/autoguidance_xs6000.json
+python benchmarks/sampler_quality.py --bundle $R/bundle-guide-xs-12000 --real ../shared/data/pcam/train --max-real 2000 \
+  --n 1000 --settings dpmpp2m:20:a1.25,dpmpp2m:20:a1.5 --batch-size 50 --backend torch \
+  --json weights/pcam96/eval/round12/autoguidance_xs12000.json
+python benchmarks/sampler_quality.py --bundle $R/bundle-guide-xs-24000 --real ../shared/data/pcam/train --max-real 2000 \
+  --n 1000 --settings dpmpp2m:20:a1.5,dpmpp2m:20:a2 --batch-size 50 --backend torch \
+  --json weights/pcam96/eval/round12/autoguidance_xs24000.json
+# Round 4's UNet at w = 2: 43.37 against 46.73 unguided; the quarter-width guide's best 44.16 (768,000 latents,
+# w = 1.5). Round 4's UNet ships as the guide:
+export_guided $R/guide-round4.safetensors weights/pcam96 --overwrite
+# The n = 2,907 budget row of the generated tiles at autoguidance 2 (the floor and reconstruction rows are round
+# 10's, from the same networks and seeded subsets), controllability at autoguidance 2, and the downstream protocol
+# with autoguided tiles (100/300 real labels, the same seeds as round 11's), one core each:
+histosynth generate --recipe weights/pcam96/eval/round12/budget-recipe.yaml --out $R/eval-r12/generated
+histosynth evaluate budget --real ../shared/data/pcam/valid --generated $R/eval-r12/generated --n 2907 \
+  --json weights/pcam96/eval/round12/budget-gen-n2907.json
+CONTROL_RUNS="" AUTOGUIDANCE=2 bash benchmarks/pcam96_eval.sh $R/eval-r12c control
+histosynth generate --recipe weights/pcam96/eval/round12/downstream-a2/recipe.yaml --out $R/down-r12/generated-a2
+python benchmarks/downstream.py --synthetic $R/down-r12/generated-a2 --bundle weights/pcam96 --sizes 100,300 \
+  --threads 1 --out $R/down-r12/downstream-a2
