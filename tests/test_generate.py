@@ -146,6 +146,16 @@ def test_shards_union_equals_single_process_and_merge(tmp_path, bundle):
     assert digests(sharded) == digests(single)
     assert invoke("merge-shards", str(sharded)).exit_code == 0
     assert (sharded / "manifest.csv").read_text() == (single / "manifest.csv").read_text()
+    # A shard manifest from before the autoguidance column (a shard finished by an older histosynth) still merges.
+    old = sharded / "manifest.shard-0-of-3.csv"
+    assert old.is_file()
+    with open(old, newline="") as f:
+        rows = list(csv.reader(f))
+    at = rows[0].index("autoguidance")
+    with open(old, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([r[:at] + r[at + 1:] for r in rows])
+    assert invoke("merge-shards", str(sharded)).exit_code == 0
+    assert (sharded / "manifest.csv").read_text() == (single / "manifest.csv").read_text()
 
 
 def test_merge_refuses_incomplete_shards(tmp_path, bundle):

@@ -37,6 +37,8 @@ from histosynth.io import check_writable, stale_temporaries, write_bytes, write_
 META = ".histosynth"
 MANIFEST_COLUMNS = ("path", "class_name", "class_id", "index", "seed", "sampler", "steps", "eta", "guidance",
                     "autoguidance", "bundle_hash", "backend", "device")
+# Shard manifests written before autoguidance existed lack its column; merged, they read as autoguidance 1.
+_COLUMNS_BEFORE_AUTOGUIDANCE = tuple(c for c in MANIFEST_COLUMNS if c != "autoguidance")
 
 
 @dataclass(frozen=True)
@@ -423,10 +425,13 @@ def merge_shards(out_dir: Path) -> tuple[Path, int]:
     for part in parts:
         with open(part, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
-            header = next(reader, None)
-            if tuple(header or ()) != MANIFEST_COLUMNS:
+            header = tuple(next(reader, None) or ())
+            if header not in (MANIFEST_COLUMNS, _COLUMNS_BEFORE_AUTOGUIDANCE):
                 raise InputError(f"{part}: not a histosynth manifest (unexpected header)")
+            at = MANIFEST_COLUMNS.index("autoguidance")
             for row in reader:
+                if header == _COLUMNS_BEFORE_AUTOGUIDANCE:
+                    row = row[:at] + ["1.0"] + row[at:]
                 if row[0] in rows:
                     raise RunError(f"{part}: {row[0]} is listed by two shards")
                 rows[row[0]] = row
