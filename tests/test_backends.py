@@ -176,3 +176,17 @@ def test_time_backend_measures_a_call(bundle: Bundle, backends: tuple[Backend, B
 
     seconds = time_backend(backends[1], bundle, batch_size=2, repeats=2)
     assert 0 < seconds < 5
+
+
+def test_onnx_sessions_do_not_spin_and_the_guide_runs_in_both_backends(tmp_path) -> None:
+    """Two or three sessions take turns on the same cores: none may keep them busy spin-waiting after its call."""
+    guided = load_bundle(tiny_bundle(tmp_path, num_classes=3, tile_size=32, name="guided", guide=True))
+    onnx_backend = make_backend(guided, "onnx", "cpu", "fp32")
+    torch_backend = make_backend(guided, "torch", "cpu", "fp32")
+    for session in (onnx_backend.unet_session, onnx_backend.guide_session, onnx_backend.decoder_session):
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    x = torch.randn(2, *guided.manifest.latent_shape)
+    t, y = torch.tensor([10, 900]), torch.tensor([0, 2])
+    guide_onnx, guide_torch = onnx_backend.denoise_guide(x, t, y), torch_backend.denoise_guide(x, t, y)
+    torch.testing.assert_close(guide_onnx, guide_torch, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(guide_torch, torch_backend.denoise(x, t, y))  # a network of its own

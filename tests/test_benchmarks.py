@@ -225,3 +225,21 @@ def test_train_speed_steps_run_for_both_vqgan_architectures() -> None:
         step = speed.vqgan_step(setting)
         step()  # forward, losses, backward and optimizer steps of the full-size networks, once
     assert speed.VQGAN_V2_CONFIG.latent_channels == 4 and speed.VQGAN_V2_CONFIG.codebook_size == 8192
+
+
+def test_ort_spinning_compares_both_settings_and_restores_the_default(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from histosynth.bundle.testing import tiny_bundle
+    from histosynth.sampling import backends
+
+    spinning = _load("ort_spinning")
+    bundle = tiny_bundle(tmp_path, num_classes=2, tile_size=32, guide=True)
+    assert spinning.main(["--bundle", str(bundle), "--n", "2", "--repeats", "1", "--batch-size", "2",
+                          "--json", str(tmp_path / "s.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["setting"] for r in out["results"]] == ["unguided", "autoguidance 2", "guidance 2"]
+    for r in out["results"]:
+        assert r["tiles_per_s_spinning"] > 0 and r["tiles_per_s_no_spinning"] > 0
+        assert math.isclose(r["ratio"], r["tiles_per_s_no_spinning"] / r["tiles_per_s_spinning"])
+    assert json.loads((tmp_path / "s.json").read_text()) == out
+    assert backends.ORT_SPINNING == "0"  # the product's setting is back after the benchmark
