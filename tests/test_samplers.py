@@ -241,8 +241,8 @@ def test_autoguidance_per_sample_scale_and_guide_only_for_guided_rows():
     assert out[:, 0, 0, 0].tolist() == [2.0, -4.0, 1.0]
     guide_calls.clear()
     plain = autoguidance(main, guide, torch.ones(3))
-    assert plain(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]))[:, 0, 0, 0].tolist() \
-        == [2.0, 3.0, 4.0]
+    out = plain(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]))
+    assert out[:, 0, 0, 0].tolist() == [2.0, 3.0, 4.0]
     assert guide_calls == []  # w = 1 everywhere: no guide evaluation
 
 

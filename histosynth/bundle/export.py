@@ -273,8 +273,9 @@ def export_bundle(
                                 _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), provenance.extra)
 
     latent_shape = (vq_config.latent_channels, tile_size // f, tile_size // f)
-    unet_files = [(UNET_ONNX, UNET_WEIGHTS)] + ([(GUIDE_UNET_ONNX, GUIDE_UNET_WEIGHTS)] if guide_unet else [])
-    file_names = [name for pair in unet_files for name in pair] + [DECODER_ONNX, DECODER_WEIGHTS]
+    file_names = [UNET_ONNX, UNET_WEIGHTS, DECODER_ONNX, DECODER_WEIGHTS]
+    if guide_unet is not None:
+        file_names += [GUIDE_UNET_ONNX, GUIDE_UNET_WEIGHTS]
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         tile_size=tile_size,
@@ -466,13 +467,14 @@ def export_from_checkpoints(
     stages = (("vqgan", vq_extra), ("ldm", unet_extra))
     steps = {name: int(extra["step"]) for name, extra in stages if isinstance(extra.get("step"), int)}
     seen = {name: int(extra["samples_seen"]) for name, extra in stages if isinstance(extra.get("samples_seen"), int)}
+    checkpoints = {"vqgan": Path(vqgan_ckpt).name, "unet": Path(unet_ckpt).name}
+    if guide_unet_ckpt is not None:
+        checkpoints["guide_unet"] = Path(guide_unet_ckpt).name
     provenance = Provenance(
         data=str(_pick("data", data, unet_extra, vq_extra) or ""),
         steps=steps,
-        extra={**labels.extra, "checkpoints": {"vqgan": Path(vqgan_ckpt).name, "unet": Path(unet_ckpt).name,
-                                               **({"guide_unet": Path(guide_unet_ckpt).name} if guide else {})},
-               **({"samples_seen": seen} if seen else {}),
-               **({"guide_unet": guide_facts} if guide else {})},
+        extra={**labels.extra, "checkpoints": checkpoints, **({"samples_seen": seen} if seen else {}),
+               **({"guide_unet": guide_facts} if guide is not None else {})},
     )
     return export_bundle(
         decoder, unet, out_dir,

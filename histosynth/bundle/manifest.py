@@ -123,8 +123,8 @@ class Manifest:
         require(not missing, f"{path}.files", f"missing entries for {', '.join(missing)}")
         guide_files = [f for f in GUIDE_FILES if f in self.files]
         if self.guide_unet:
-            require(len(guide_files) == len(GUIDE_FILES), f"{path}.files",
-                    f"guide_unet is set but the files list lacks {', '.join(sorted(set(GUIDE_FILES) - set(guide_files)))}")
+            lacking = sorted(set(GUIDE_FILES) - set(guide_files))
+            require(not lacking, f"{path}.files", f"guide_unet is set but the files list lacks {', '.join(lacking)}")
             for key in ("in_channels", "num_classes"):
                 require(self.guide_unet.get(key) == self.unet.get(key), f"{path}.guide_unet.{key}",
                         f"{self.guide_unet.get(key)} differs from the UNet's {self.unet.get(key)}; the guide must "

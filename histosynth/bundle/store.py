@@ -125,7 +125,9 @@ class Bundle:
 
         return build_unet_module(self.manifest.unet, self.file(UNET_WEIGHTS)).to(device=device, dtype=dtype).eval()
 
-    def build_guide_unet(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    def build_guide_unet(
+        self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> torch.nn.Module:
         """The torch guide UNet from ``guide_unet.safetensors``; an `InputError` when the bundle has none."""
         from histosynth.bundle.modules import build_unet_module
 
