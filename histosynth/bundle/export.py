@@ -245,13 +245,8 @@ def export_bundle(
             f"labels: class ids must follow the sorted order of names (got {', '.join(class_names)}), so that "
             "generate's class folders sort in id order; `histosynth review apply` numbers classes this way"
         )
+    # That a guide sees the UNet's latents and classes is the manifest's rule, checked in the round trip below.
     guide_config: Optional[UNetConfig] = None if guide_unet is None else guide_unet.config
-    if guide_config is not None and (guide_config.in_channels, guide_config.num_classes) != (
-            unet_config.in_channels, unet_config.num_classes):
-        raise InputError(
-            f"guide UNet: {guide_config.in_channels} channels and {guide_config.num_classes} classes, the UNet "
-            f"{unet_config.in_channels} and {unet_config.num_classes}; a guide must model the same latents and classes"
-        )
     if unet_config.in_channels != vq_config.latent_channels:
         raise InputError(
             f"unet.in_channels ({unet_config.in_channels}) != vqgan.latent_channels ({vq_config.latent_channels}):"

@@ -317,7 +317,8 @@ def generate_batch(backend, schedule: NoiseSchedule, items: list[Item], latent_s
     denoise = classifier_free_guidance(backend.denoise, guidance, null_id)
     auto = torch.tensor([it.sampler.autoguidance for it in items], dtype=torch.float32)
     if bool((auto != 1.0).any()):
-        # A recipe row has one of the two (SamplerSpec.validate), so the guide never sees a CFG-combined output.
+        # A row has at most one of the two scales (SamplerSpec.validate): where autoguidance applies, `denoise`
+        # is still the plain conditional model.
         denoise = autoguidance(denoise, backend.denoise_guide, auto)
     s = items[0].sampler
     stochastic = get_sampler(s.name).stochastic(s.eta)
