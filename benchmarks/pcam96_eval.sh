@@ -9,7 +9,9 @@
 # Writes JSON per metric into OUT. The validation tiles (pcam/valid) are only measured: nothing here chooses
 # anything from them. Steps: budget control memorization downstream speed (default: all).
 # AUTOGUIDANCE=W samples the shared tiles (budget, memorization, downstream) with autoguidance W by the bundle's
-# guide network (default 1: none, the paper's setting), and adds a control run at W beside guidance 1 and 2
+# guide network, GUIDANCE=G with classifier-free guidance G, GUIDANCE_INTERVAL="LOW, HIGH" with that guidance at
+# noise levels in (LOW, HIGH] only (defaults 1, 1, every step: no guidance, the paper's setting). A setting other
+# than the default adds a control run at it (control-<tag>.json: a2, g2a2, g2i0.5-10a2, ...) beside guidance 1 and 2
 # (CONTROL_RUNS, default "g1 g2", names those).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +32,19 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # Generated tiles shared by the budget, memorization and downstream: PER_CLASS per class (default 1,000: 4,000;
 # the downstream protocol's 4x arm needs 4 x 1,000; a budget at n = 2,907 needs 727), dpmpp2m 20 steps, no
-# guidance (the paper's setting) unless AUTOGUIDANCE is set.
+# guidance (the paper's setting) unless GUIDANCE, GUIDANCE_INTERVAL or AUTOGUIDANCE is set.
+G=${GUIDANCE:-1.0} A=${AUTOGUIDANCE:-1.0} I=${GUIDANCE_INTERVAL:-}
+shared_scales="guidance: $G, autoguidance: $A${I:+, guidance_interval: [$I]}"
+shared_tag=""  # names the shared setting's control run; empty for the paper's setting
+[[ $G =~ ^1(\.0*)?$ ]] || shared_tag+="g$G"
+[[ -z $I ]] || shared_tag+="i$(tr -d ' ' <<< "$I" | tr , -)"
+[[ $A =~ ^1(\.0*)?$ ]] || shared_tag+="a$A"
 cat > "$OUT/eval-recipe.yaml" <<EOF
 bundle: $(realpath --relative-to="$OUT" "$B")
 seed: 12345
 batch_size: 50
 balanced: {per_class: ${PER_CLASS:-1000}}
-sampler: {name: dpmpp2m, steps: 20, guidance: 1.0, autoguidance: ${AUTOGUIDANCE:-1.0}}
+sampler: {name: dpmpp2m, steps: 20, $shared_scales}
 EOF
 if has budget || has memorization || has downstream; then
   /usr/bin/time -f "%e s" -o "$OUT/generate_time.txt" \
@@ -58,11 +66,10 @@ fi
 # 2. Controllability, 100 tiles per class, with and without guidance: the label by a small CNN trained on labelled
 #    real training tiles (the tumour flag), the tissue cluster by the model's own IMC head.
 if has control; then
-  runs=${CONTROL_RUNS-g1 g2}  # CONTROL_RUNS="" with AUTOGUIDANCE=W measures W alone
-  [[ "${AUTOGUIDANCE:-1}" =~ ^1(\.0*)?$ ]] || runs="$runs a${AUTOGUIDANCE}"
+  runs=${CONTROL_RUNS-g1 g2}  # CONTROL_RUNS="" with a shared setting measures it alone
+  [[ -z $shared_tag || " $runs " == *" $shared_tag "* ]] || runs="$runs $shared_tag"
   for g in $runs; do
-    scale=${g:1}
-    if [[ $g == a* ]]; then scales="guidance: 1.0, autoguidance: $scale"; else scales="guidance: $scale"; fi
+    if [[ $g == "$shared_tag" ]]; then scales=$shared_scales; else scales="guidance: ${g:1}"; fi
     cat > "$OUT/control-recipe-$g.yaml" <<EOF
 bundle: $(realpath --relative-to="$OUT" "$B")
 seed: 777

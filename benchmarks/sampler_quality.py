@@ -1,7 +1,8 @@
 """Sample quality and time against sampler and step count, on one model with the same seeds and class counts.
 
-For each setting (`sampler:steps`, `sampler:steps:guidance` with classifier-free guidance, or `sampler:steps:aW`
-with autoguidance at scale W by the bundle's guide network) a recipe is written
+For each setting (`sampler:steps`, then optionally `:G` for classifier-free guidance at scale G, `:G@LOW-HIGH` for it
+at noise levels in (LOW, HIGH] only, and `:aW` for autoguidance at scale W by the bundle's guide network, e.g.
+`dpmpp2m:20:2@0.5-10:a2`) a recipe is written
 and run through `histosynth.sampling.runner.generate`; the generated folder is then scored against real tiles
 (FID, KID, precision/recall, density/coverage) with the real features computed once. The first setting is the baseline (the paper's 1000-step DDPM): each row gets
 `fid_ratio` (its FID / the baseline's) and `speedup` (the baseline's seconds / its seconds). Prints one JSON
@@ -57,48 +58,75 @@ def machine() -> dict[str, Any]:
 
 
 class Setting(NamedTuple):
-    """One row of the comparison: a sampler, its step count, and its classifier-free guidance or autoguidance scale."""
+    """One row of the comparison: a sampler, its step count, its classifier-free guidance (with an optional noise
+    level interval) and its autoguidance scale."""
 
     sampler: str
     steps: int
     guidance: float = 1.0
     autoguidance: float = 1.0
+    guidance_interval: Optional[tuple[float, float]] = None
 
     @property
     def spec(self) -> str:
         """As `--settings` writes it; a scale appears only where it is not the plain conditional model's 1."""
+        text = f"{self.sampler}:{self.steps}"
+        if self.guidance != 1.0 or self.guidance_interval is not None:
+            text += f":{self.guidance:g}"
+            if self.guidance_interval is not None:
+                text += "@{:g}-{:g}".format(*self.guidance_interval)
         if self.autoguidance != 1.0:
-            return f"{self.sampler}:{self.steps}:a{self.autoguidance:g}"
-        return f"{self.sampler}:{self.steps}" + ("" if self.guidance == 1.0 else f":{self.guidance:g}")
+            text += f":a{self.autoguidance:g}"
+        return text
 
     @property
     def tag(self) -> str:
         """Folder and recipe name."""
-        return self.spec.replace(":", "-")
+        return self.spec.replace(":", "-").replace("@", "-at-")
+
+
+def _parse_setting(spec: str) -> Setting:
+    """One `sampler:steps[:G[@LOW-HIGH]][:aW]` entry; `ValueError` when it is not one."""
+    parts = spec.split(":")
+    if len(parts) < 2 or parts[0] not in SAMPLERS:
+        raise ValueError(spec)
+    guidance, auto, interval = None, None, None
+    for part in parts[2:]:
+        if part.startswith("a") and auto is None:
+            auto = float(part[1:])
+        elif guidance is None and auto is None:  # guidance comes before autoguidance, once
+            scale, _, rest = part.partition("@")
+            guidance = float(scale)
+            if rest:
+                low, sep, high = rest.partition("-")
+                if not sep:
+                    raise ValueError(spec)
+                interval = (float(low), float(high))
+        else:
+            raise ValueError(spec)
+    return Setting(parts[0], int(parts[1]), 1.0 if guidance is None else guidance, 1.0 if auto is None else auto,
+                   interval)
 
 
 def parse_settings(text: str) -> list[Setting]:
-    """`"ddpm:1000,dpmpp2m:20:1.5,dpmpp2m:20:a2"` -> settings with guidance 1.5, and autoguidance 2 in the last.
+    """`"ddpm:1000,dpmpp2m:20:1.5,dpmpp2m:20:a2,dpmpp2m:20:2@0.5-10:a2"` -> settings: guidance 1.5; autoguidance
+    2; guidance 2 at noise levels in (0.5, 10] with autoguidance 2.
 
-    Each entry is `sampler:steps`, `sampler:steps:guidance` or `sampler:steps:aW` (autoguidance W; 1, the default,
-    is none); steps and scales follow a recipe's rules. Bad entries are an `InputError`.
+    Each entry is `sampler:steps`, then optionally `:G` or `:G@LOW-HIGH` (classifier-free guidance, at those noise
+    levels only), then optionally `:aW` (autoguidance W; 1, the default, is none); steps, scales and intervals
+    follow a recipe's rules. Bad entries are an `InputError`.
     """
     settings = []
     for spec in (s.strip() for s in text.split(",")):
-        parts = spec.split(":")
         try:
-            if len(parts) not in (2, 3) or parts[0] not in SAMPLERS:
-                raise ValueError(spec)
-            scale = parts[2] if len(parts) == 3 else "1"
-            auto = scale.startswith("a")
-            value = float(scale[1:] if auto else scale)
-            setting = Setting(parts[0], int(parts[1]), 1.0 if auto else value, value if auto else 1.0)
+            setting = _parse_setting(spec)
         except ValueError:
-            raise InputError(f"--settings: {spec!r} is not sampler:steps[:guidance or :aW]; allowed samplers: "
-                             f"{', '.join(SAMPLERS)} (e.g. dpmpp2m:20, dpmpp2m:20:1.5 or dpmpp2m:20:a2)") from None
+            raise InputError(f"--settings: {spec!r} is not sampler:steps[:G[@LOW-HIGH]][:aW]; allowed samplers: "
+                             f"{', '.join(SAMPLERS)} (e.g. dpmpp2m:20, dpmpp2m:20:1.5, dpmpp2m:20:a2 or "
+                             "dpmpp2m:20:2@0.5-10:a2)") from None
         # A recipe's own range checks, so that a bad setting fails here and not after the settings before it ran.
-        SamplerSpec(setting.sampler, setting.steps, guidance=setting.guidance,
-                    autoguidance=setting.autoguidance).validate(f"--settings {spec!r}")
+        SamplerSpec(setting.sampler, setting.steps, guidance=setting.guidance, autoguidance=setting.autoguidance,
+                    guidance_interval=setting.guidance_interval).validate(f"--settings {spec!r}")
         settings.append(setting)
     if len(set(settings)) != len(settings):
         raise InputError(f"--settings: {text!r} lists a setting twice")
@@ -141,6 +169,8 @@ def write_recipe(path: Path, bundle_path: Path, n: int, weights: Optional[dict[s
         recipe["proportions"] = {"total": n, "weights": weights}
     recipe["sampler"] = {"name": setting.sampler, "steps": setting.steps, "guidance": setting.guidance,
                          "autoguidance": setting.autoguidance}
+    if setting.guidance_interval is not None:
+        recipe["sampler"]["guidance_interval"] = list(setting.guidance_interval)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
 
@@ -228,7 +258,9 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
         counts = {c.name: c.planned for c in result.classes}
         record: dict[str, Any] = {
             "sampler": setting.sampler, "steps": setting.steps, "guidance": setting.guidance,
-            "autoguidance": setting.autoguidance, "n": result.made,
+            "autoguidance": setting.autoguidance,
+            "guidance_interval": None if setting.guidance_interval is None else list(setting.guidance_interval),
+            "n": result.made,
             "seconds": result.seconds, "total_seconds": total,
             "tiles_per_s": result.made / result.seconds, "seconds_per_image": result.seconds / result.made,
             "backend": result.backend, "device": result.device,
@@ -286,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-real", type=int, default=None, help="a seeded random subset of the real tiles")
     p.add_argument("--n", type=int, default=500, help="generated tiles per setting")
     p.add_argument("--settings", default=DEFAULT_SETTINGS,
-                   help="sampler:steps[:guidance or :aW] list (W: autoguidance; 1, the default, is none); the first "
-                        "is the baseline")
+                   help="sampler:steps[:G[@LOW-HIGH]][:aW] list (G: classifier-free guidance, at noise levels in "
+                        "(LOW, HIGH] only where given; W: autoguidance; 1, the default, is none); the first is the "
+                        "baseline")
     p.add_argument("--proportions", default="auto", help="auto (the training class mix if the bundle records it) "
                                                           "or balanced")
     p.add_argument("--seed", type=int, default=0)

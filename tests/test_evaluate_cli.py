@@ -296,7 +296,11 @@ def test_report_sweep_keeps_guidance_scales_apart(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(report, "line_plot", fake_plot)
     records = [{"sampler": "dpmpp2m", "steps": 20, "guidance": g, "fid": f} for g, f in ((1.0, 50.0), (1.5, 47.0))]
     records.append({"sampler": "dpmpp2m", "steps": 20, "guidance": 1.0, "autoguidance": 2.0, "fid": 43.0})
+    records.append({"sampler": "dpmpp2m", "steps": 20, "guidance": 2.0, "autoguidance": 2.0,
+                    "guidance_interval": [0.5, 10.0], "fid": 44.0})
     lines = report._sweep_section(records, tmp_path, "g")
     assert "guidance" in lines[2] and "autoguidance" in lines[2] and "1.5" in "\n".join(lines)
-    assert sorted(drawn) == ["dpmpp2m", "dpmpp2m (autoguidance 2)", "dpmpp2m (guidance 1.5)"]
+    assert "2 @0.5-10" in "\n".join(lines)
+    assert sorted(drawn) == ["dpmpp2m", "dpmpp2m (autoguidance 2)", "dpmpp2m (guidance 1.5)",
+                             "dpmpp2m (guidance 2 @0.5-10) (autoguidance 2)"]
     assert drawn["dpmpp2m (guidance 1.5)"][1] == [47.0] and drawn["dpmpp2m (autoguidance 2)"][1] == [43.0]

@@ -146,16 +146,26 @@ def test_shards_union_equals_single_process_and_merge(tmp_path, bundle):
     assert digests(sharded) == digests(single)
     assert invoke("merge-shards", str(sharded)).exit_code == 0
     assert (sharded / "manifest.csv").read_text() == (single / "manifest.csv").read_text()
-    # A shard manifest from before the autoguidance column (a shard finished by an older histosynth) still merges.
-    old = sharded / "manifest.shard-0-of-3.csv"
-    assert old.is_file()
-    with open(old, newline="") as f:
-        rows = list(csv.reader(f))
-    at = rows[0].index("autoguidance")
-    with open(old, "w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows([r[:at] + r[at + 1:] for r in rows])
+    # Shard manifests from before the autoguidance and guidance_interval columns (shards finished by an older
+    # histosynth) still merge; a header with a column that was never optional does not.
+    for shard_file, dropped in (("manifest.shard-0-of-3.csv", ("autoguidance", "guidance_interval")),
+                                ("manifest.shard-1-of-3.csv", ("guidance_interval",))):
+        old = sharded / shard_file
+        with open(old, newline="") as f:
+            rows = list(csv.reader(f))
+        keep = [i for i, c in enumerate(rows[0]) if c not in dropped]
+        with open(old, "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([[r[i] for i in keep] for r in rows])
     assert invoke("merge-shards", str(sharded)).exit_code == 0
     assert (sharded / "manifest.csv").read_text() == (single / "manifest.csv").read_text()
+    broken = sharded / "manifest.shard-2-of-3.csv"
+    with open(broken, newline="") as f:
+        rows = list(csv.reader(f))
+    at = rows[0].index("seed")
+    with open(broken, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([r[:at] + r[at + 1:] for r in rows])
+    result = invoke("merge-shards", str(sharded))
+    assert result.exit_code != 0 and "unexpected header" in result.output
 
 
 def test_merge_refuses_incomplete_shards(tmp_path, bundle):
@@ -230,7 +240,24 @@ def test_autoguidance_with_a_guided_bundle_and_a_clear_refusal_without_one(tmp_p
     assert max(np.abs(out["torch"][k] - out["onnx"][k]).max() for k in out["torch"]) <= 3
     with open(tmp_path / "torch" / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {r["autoguidance"] for r in rows} == {"2.0"}
+    assert {r["autoguidance"] for r in rows} == {"2.0"} and {r["guidance_interval"] for r in rows} == {""}
+
+    # Both guidance kinds at once, the classifier-free one at some noise levels only. dpmpp2m's 4 steps sit at noise
+    # levels 157, 17.2, 3.4 and 0.95: guidance in (100, 200] acts at the first step only and changes the images;
+    # in (0, 0.5] it acts at none, and the images are autoguidance's alone. The manifest says what was used.
+    both = {"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0, "guidance": 3.0}
+    for name, sampler in (("both", both), ("first", {**both, "guidance_interval": [100, 200]}),
+                          ("none", {**both, "guidance_interval": [0, 0.5]})):
+        result = invoke("generate", "--recipe", str(write_recipe(tmp_path, guided_bundle, sampler=sampler)),
+                        "--out", str(tmp_path / name), "--backend", "torch")
+        assert result.exit_code == 0, result.output
+        out[name] = {k: np.asarray(Image.open(tmp_path / name / k), dtype=np.int16) for k in out["plain"]}
+    for a, b in (("torch", "both"), ("torch", "first")):
+        assert any(np.abs(out[a][k] - out[b][k]).max() > 8 for k in out["plain"]), (a, b)
+    assert all(np.array_equal(out["none"][k], out["torch"][k]) for k in out["plain"])
+    with open(tmp_path / "first" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["guidance"], r["autoguidance"], r["guidance_interval"]) for r in rows} == {("3.0", "2.0", "100-200")}
 
     # The same recipe against a bundle without a guide: refused before anything is written.
     refused = write_recipe(tmp_path, bundle, sampler={"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0})

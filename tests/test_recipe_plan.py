@@ -67,10 +67,11 @@ def test_top_up_fills_minorities(tmp_path: Path):
         ({"balanced": {"per_class": "many"}}, "recipe.balanced.per_class"),
         ({"balanced": {"per_class": 2}, "sampler": {"autoguidance": 0.5}},
          "recipe.sampler.autoguidance: 0.5 is out of range; allowed: 1..30 (1 = off)"),
-        ({"balanced": {"per_class": 2}, "sampler": {"autoguidance": 2.0, "guidance": 2.0}},
-         "recipe.sampler: guidance 2 and autoguidance 2 are both set; use one of them"),
-        ({"balanced": {"per_class": 2}, "sampler": {"guidance": 2.0}, "overrides": {"tumour": {"autoguidance": 2}}},
-         "recipe.overrides.tumour: guidance 2 and autoguidance 2 are both set"),
+        ({"balanced": {"per_class": 2}, "sampler": {"guidance": 2.0, "guidance_interval": [10, 0.5]}},
+         "recipe.sampler.guidance_interval: [10.0, 0.5] is not [low, high] with 0 <= low < high"),
+        ({"balanced": {"per_class": 2}, "sampler": {"guidance_interval": [0.5]}}, "recipe.sampler.guidance_interval"),
+        ({"balanced": {"per_class": 2}, "overrides": {"tumour": {"guidance_interval": [-1, 2]}}},
+         "recipe.overrides.tumour.guidance_interval: [-1.0, 2.0] is not [low, high]"),
     ],
 )
 def test_bad_recipes_name_the_key_and_allowed_values(data, message):
@@ -210,13 +211,28 @@ def test_fingerprint_ignores_batch_size_but_not_counts():
     assert Plan(recipe(balanced={"total": 8}), CLASSES, "other-bundle").fingerprint() != a.fingerprint()
 
 
-def test_fingerprint_of_plans_without_autoguidance_is_unchanged_by_the_new_key():
-    """Folders made before autoguidance existed must still resume: the key is left out of the plan when off."""
+def test_fingerprint_of_plans_without_autoguidance_or_interval_is_unchanged_by_the_new_keys():
+    """Folders made before autoguidance and guidance intervals existed must still resume: each key is left out of
+    the plan when off, so the plan holds exactly the sampler keys it held before them."""
     plain = Plan(recipe(balanced={"total": 8}), CLASSES, "h")
-    explicit = Plan(recipe(balanced={"total": 8}, sampler={"autoguidance": 1.0}), CLASSES, "h")
+    explicit = Plan(recipe(balanced={"total": 8}, sampler={"autoguidance": 1.0, "guidance_interval": None}),
+                    CLASSES, "h")
     guided = Plan(recipe(balanced={"total": 8}, sampler={"autoguidance": 2.0}), CLASSES, "h")
-    assert all("autoguidance" not in c["sampler"] for c in plain.describe()["classes"])
+    limited = Plan(recipe(balanced={"total": 8}, sampler={"guidance": 2.0, "guidance_interval": [0.5, 10]}),
+                   CLASSES, "h")
+    everywhere = Plan(recipe(balanced={"total": 8}, sampler={"guidance": 2.0}), CLASSES, "h")
+    assert all(set(c["sampler"]) == {"name", "steps", "eta", "guidance"} for c in plain.describe()["classes"])
     assert plain.fingerprint() == explicit.fingerprint() != guided.fingerprint()
+    assert limited.fingerprint() != everywhere.fingerprint()
+
+
+def test_guidance_and_autoguidance_together_with_a_per_class_interval():
+    r = recipe(balanced={"total": 8}, sampler={"guidance": 2.0, "autoguidance": 2.0, "guidance_interval": [0.5, 10]},
+               overrides={"tumour": {"guidance_interval": [1, 5]}})
+    plan = Plan(r, CLASSES, "h")
+    specs = {c.name: c.sampler for c in plan.classes}
+    assert specs["tumour"].guidance_interval == (1.0, 5.0) and specs["tumour"].autoguidance == 2.0
+    assert all(s.guidance_interval == (0.5, 10.0) for name, s in specs.items() if name != "tumour")
 
 
 @pytest.mark.parametrize("text", ["1", "2/2", "a/b", "-1/3", "0/0"])

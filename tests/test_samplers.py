@@ -13,6 +13,8 @@ from histosynth.diffusion.samplers import (
     classifier_free_guidance,
     ddim_step,
     dpmpp_2m_step,
+    guided_denoiser,
+    noise_level_interval,
     predict_x0_eps,
     sample,
 )
@@ -244,6 +246,56 @@ def test_autoguidance_per_sample_scale_and_guide_only_for_guided_rows():
     out = plain(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]))
     assert out[:, 0, 0, 0].tolist() == [2.0, 3.0, 4.0]
     assert guide_calls == []  # w = 1 everywhere: no guide evaluation
+
+
+def test_guidance_terms_add_and_each_alone_is_its_own_method():
+    calls = {"main": [], "guide": []}
+
+    def main(x, t, y):
+        calls["main"].append(y.tolist())
+        return x * 0 + torch.where(y == 9, 1.0, 2.0 + y.float()).view(-1, 1, 1, 1)  # cond 2 + id, uncond (9) 1
+
+    def guide(x, t, y):
+        calls["guide"].append(y.tolist())
+        return x * 0 + 10.0
+
+    x, t, y = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1])
+    both = guided_denoiser(main, torch.tensor([1.0, 3.0, 1.0, 2.0]), null_id=9,
+                           autoguidance=torch.tensor([1.0, 1.0, 2.0, 1.5]), guide=guide)
+    out = both(x, t, y)[:, 0, 0, 0].tolist()
+    assert calls == {"main": [[0, 0, 1, 1, 9, 9]], "guide": [[1, 1]]}  # only the rows that need each term
+    # plain: 2; cfg 3: 1 + 3 (2 - 1) = 4; auto 2: 10 + 2 (3 - 10) = -4; both: 3 + (2-1)(3-1) + (1.5-1)(3-10) = 1.5
+    assert out == [2.0, 4.0, -4.0, 1.5]
+
+
+def test_noise_level_interval_limits_guidance_to_its_steps():
+    schedule = NoiseSchedule()
+    active = noise_level_interval(schedule, 0.5, 10.0)
+    abar = schedule.alphas_cumprod.double()
+    level = torch.sqrt((1 - abar) / abar)
+    t = torch.arange(1000)
+    mask = active(t)
+    assert bool(mask.any()) and not bool(mask.all())
+    assert torch.equal(mask, (level > 0.5) & (level <= 10.0))
+    assert not bool(active(torch.tensor([999]))) and not bool(active(torch.tensor([0])))
+
+    calls = []
+
+    def denoise(x, t, y):
+        calls.append(len(y))
+        return x * 0 + torch.where(y == 9, 1.0, 2.0).view(-1, 1, 1, 1)
+
+    guided = guided_denoiser(denoise, torch.full((2,), 3.0), null_id=9, guidance_active=active)
+    x, y = torch.zeros(2, 1, 1, 1), torch.zeros(2, dtype=torch.long)
+    outside = guided(x, torch.tensor([999, 0]), y)  # both rows outside the interval: plain, one call of 2
+    inside = guided(x, torch.tensor([500, 999]), y)  # only the first row is guided
+    assert calls == [2, 3]
+    assert outside.flatten().tolist() == [2.0, 2.0] and inside.flatten().tolist() == [4.0, 2.0]
+
+
+def test_autoguidance_without_a_guide_is_refused():
+    with pytest.raises(ValueError, match="needs a guide"):
+        guided_denoiser(lambda x, t, y: x, torch.ones(1), null_id=0, autoguidance=torch.full((1,), 2.0))
 
 
 def test_a_new_sampler_is_one_registry_entry(monkeypatch):

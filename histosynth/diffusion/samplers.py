@@ -203,29 +203,16 @@ def sample(
     return x
 
 
-def classifier_free_guidance(denoise: Denoise, guidance_scale: torch.Tensor, null_id: int) -> Denoise:
+def classifier_free_guidance(denoise: Denoise, guidance_scale: torch.Tensor, null_id: int,
+                             active: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Denoise:
     """Wrap `denoise` with classifier-free guidance (Ho & Salimans 2022), one scale per sample.
 
     output = uncond + w (cond - uncond); w = 1 is the plain conditional model (the paper's setting) and costs
-    no extra evaluation. Rows with w != 1 get their null-class half in the same batched call.
+    no extra evaluation. Rows with w != 1 get their null-class half in the same batched call. `active(t)` (a
+    bool per row, e.g. `noise_level_interval`) limits guidance to some noise levels: elsewhere a row is the
+    plain conditional model and costs no extra evaluation either.
     """
-
-    def guided(x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        scale = guidance_scale.to(device=x.device, dtype=x.dtype)
-        rows = torch.nonzero(scale != 1.0).flatten()
-        if rows.numel() == 0:
-            return denoise(x, t, class_ids)
-        null = torch.full_like(class_ids[rows], null_id)
-        out = denoise(
-            torch.cat([x, x[rows]]), torch.cat([t, t[rows]]), torch.cat([class_ids, null])
-        )  # (N + R, C, H, W)
-        cond, uncond = out[: x.shape[0]], out[x.shape[0]:]
-        guided_rows = uncond + scale[rows].view(-1, *([1] * (x.dim() - 1))) * (cond[rows] - uncond)
-        result = cond.clone()
-        result[rows] = guided_rows
-        return result
-
-    return guided
+    return guided_denoiser(denoise, guidance_scale, null_id, guidance_active=active)
 
 
 def autoguidance(denoise: Denoise, guide: Denoise, guidance_scale: torch.Tensor) -> Denoise:
@@ -236,16 +223,72 @@ def autoguidance(denoise: Denoise, guide: Denoise, guidance_scale: torch.Tensor)
     towards the class, so it sharpens without narrowing diversity. w = 1 is the main model alone and costs no
     extra evaluation; only the rows with w != 1 are sent to the guide.
     """
+    return guided_denoiser(denoise, torch.ones_like(guidance_scale), null_id=-1, autoguidance=guidance_scale,
+                           guide=guide)
+
+
+def guided_denoiser(denoise: Denoise, guidance: torch.Tensor, null_id: int, *,
+                    guidance_active: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    autoguidance: Optional[torch.Tensor] = None, guide: Optional[Denoise] = None) -> Denoise:
+    """Classifier-free guidance and autoguidance in one denoiser, each with its own per-sample scale.
+
+    output = cond + (w_c - 1) [t active] (cond - uncond) + (w_a - 1) (cond - weak): the two guidance terms add,
+    each measured from the plain conditional output `cond`, so either alone is exactly its own method
+    (uncond + w_c (cond - uncond); weak + w_a (cond - weak)) and together neither scales the other. `uncond` is
+    `denoise` with the null class `null_id`, `weak` is `guide` with the same class; each is evaluated only for
+    the rows that need it (w != 1, and for classifier-free guidance `guidance_active(t)` where given).
+    """
+    if autoguidance is not None and guide is None:
+        raise ValueError("autoguidance needs a guide denoiser")
+
+    def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *([1] * (like.dim() - 1)))
 
     def guided(x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        scale = guidance_scale.to(device=x.device, dtype=x.dtype)
-        main = denoise(x, t, class_ids)
-        rows = torch.nonzero(scale != 1.0).flatten()
+        w_c = guidance.to(device=x.device, dtype=x.dtype)
+        cfg = w_c != 1.0
+        if guidance_active is not None:
+            cfg = cfg & guidance_active(t).to(device=cfg.device, dtype=torch.bool)
+        rows = torch.nonzero(cfg).flatten()
         if rows.numel() == 0:
-            return main
-        weak = guide(x[rows], t[rows], class_ids[rows]).to(main.dtype)
-        result = main.clone()
-        result[rows] = weak + scale[rows].view(-1, *([1] * (x.dim() - 1))) * (main[rows] - weak)
+            cond = denoise(x, t, class_ids)
+            result = cond
+        else:
+            null = torch.full_like(class_ids[rows], null_id)
+            out = denoise(
+                torch.cat([x, x[rows]]), torch.cat([t, t[rows]]), torch.cat([class_ids, null])
+            )  # (N + R, C, H, W): the null-class rows in the same batched call
+            cond, uncond = out[: x.shape[0]], out[x.shape[0]:]
+            result = cond.clone()
+            result[rows] = uncond + expand(w_c[rows], x) * (cond[rows] - uncond)
+        if autoguidance is None:
+            return result
+        w_a = autoguidance.to(device=x.device, dtype=x.dtype)
+        arows = torch.nonzero(w_a != 1.0).flatten()
+        if arows.numel() == 0:
+            return result
+        weak = guide(x[arows], t[arows], class_ids[arows]).to(cond.dtype)  # type: ignore[misc]
+        if result is cond:
+            result = cond.clone()
+        # weak + w_a (cond - weak), plus the classifier-free term where a row has one (exactly 0 where it has not)
+        result[arows] = (weak + expand(w_a[arows], x) * (cond[arows] - weak)) + (result[arows] - cond[arows])
         return result
 
     return guided
+
+
+def noise_level_interval(schedule: NoiseSchedule, low: float, high: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`active(t)`: whether each training timestep's noise level sigma_t / alpha_t lies in (low, high].
+
+    The noise level is the variance-exploding sigma of Karras et al. (EDM), sqrt((1 - abar_t) / abar_t), in which
+    Kynkaanniemi et al. (2024, "Applying guidance in a limited interval...") give their guidance intervals:
+    guidance at the highest noise levels narrows the samples, at the lowest it does little.
+    """
+    abar = schedule.alphas_cumprod.double()
+    level = torch.sqrt((1.0 - abar) / abar)
+
+    def active(t: torch.Tensor) -> torch.Tensor:
+        lv = level.to(t.device)[t]
+        return (lv > low) & (lv <= high)
+
+    return active

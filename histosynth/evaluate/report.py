@@ -113,6 +113,9 @@ def _sweep_section(records: list[dict[str, Any]], out_dir: Path, tag: str) -> li
     # KID comes as a {mean, std} dict from `evaluate fid` and as flat kid_mean/kid_std from the benchmarks.
     records = [{**r, "kid": r["kid"].get("mean")} if isinstance(r.get("kid"), dict) else
                ({**r, "kid": r["kid_mean"]} if "kid_mean" in r else r) for r in records]
+    # A guidance interval is shown in the guidance cell: "2 @0.5-10" (classifier-free guidance at those noise levels).
+    records = [{**r, "guidance": f"{r['guidance']:g} @{r['guidance_interval'][0]:g}-{r['guidance_interval'][1]:g}"}
+               if r.get("guidance_interval") and isinstance(r.get("guidance"), (int, float)) else r for r in records]
     keys = [k for k in ("sampler", "steps", "guidance", "autoguidance", "fid", "kid", "seconds", "seconds_per_image")
             if any(k in r for r in records)]
     out += _table(keys, [[r.get(k) for k in keys] for r in records])
@@ -122,7 +125,8 @@ def _sweep_section(records: list[dict[str, Any]], out_dir: Path, tag: str) -> li
             # One line per sampler and guidance (or autoguidance) scale.
             name = str(r.get("sampler", "?"))
             if r.get("guidance") not in (None, 1.0):
-                name += f" (guidance {r['guidance']:g})"
+                g = r["guidance"]
+                name += f" (guidance {g:g})" if isinstance(g, (int, float)) else f" (guidance {g})"
             if r.get("autoguidance") not in (None, 1.0):
                 name += f" (autoguidance {r['autoguidance']:g})"
             xs, ys, _ = series.setdefault(name, ([], [], None))

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from histosynth.configio import to_dict
-from histosynth.diffusion.samplers import autoguidance, classifier_free_guidance, get_sampler, sample
+from histosynth.diffusion.samplers import get_sampler, guided_denoiser, noise_level_interval, sample
 from histosynth.diffusion.schedule import NoiseSchedule
 from histosynth.errors import InputError, RunError
 from histosynth.sampling.plan import ImageNoise, Item, Plan, Shard
@@ -36,9 +36,10 @@ from histosynth.io import check_writable, stale_temporaries, write_bytes, write_
 
 META = ".histosynth"
 MANIFEST_COLUMNS = ("path", "class_name", "class_id", "index", "seed", "sampler", "steps", "eta", "guidance",
-                    "autoguidance", "bundle_hash", "backend", "device")
-# Shard manifests written before autoguidance existed lack its column; merged, they read as autoguidance 1.
-_COLUMNS_BEFORE_AUTOGUIDANCE = tuple(c for c in MANIFEST_COLUMNS if c != "autoguidance")
+                    "autoguidance", "guidance_interval", "bundle_hash", "backend", "device")
+# Columns added later, with the value a shard manifest written before them means: merged, such a shard reads as
+# "off" (autoguidance 1, guidance at every step).
+_LATER_COLUMNS = {"autoguidance": "1.0", "guidance_interval": ""}
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ def describe_plan(plan: Plan, shard: Shard = Shard()) -> list[dict]:
     for c in plan.classes:
         s = c.sampler
         rows.append({"class_id": c.class_id, "name": c.name, "count": counts[c.class_id], "sampler": s.name,
-                     "steps": s.steps, "guidance": s.guidance, "autoguidance": s.autoguidance, "train": c.n_train,
+                     "steps": s.steps, "guidance": s.guidance, "autoguidance": s.autoguidance,
+                     "guidance_interval": interval_text(s.guidance_interval), "train": c.n_train,
                      "val": c.count - c.n_train})
     return rows
 
@@ -283,7 +285,12 @@ def _manifest_rows(out: Path, plan: Plan, shard: Shard, done: dict[int, bytearra
         backend, device = sessions[session - 1]
         s = item.sampler
         yield [item.relpath, item.name, item.class_id, item.index, item.seed, s.name, s.steps, s.eta, s.guidance,
-               s.autoguidance, plan.bundle_hash, backend, device]
+               s.autoguidance, interval_text(s.guidance_interval), plan.bundle_hash, backend, device]
+
+
+def interval_text(interval: Optional[tuple[float, float]]) -> str:
+    """A guidance interval as manifests and tables show it: "0.5-10", or "" for every step."""
+    return "" if interval is None else f"{interval[0]:g}-{interval[1]:g}"
 
 
 def _write_manifest(path: Path, rows: Iterator[list]) -> None:
@@ -293,12 +300,17 @@ def _write_manifest(path: Path, rows: Iterator[list]) -> None:
 # --- the run ---------------------------------------------------------------------------------------------------
 
 
+def _call_key(item: Item) -> tuple:
+    """What the items of one sampler call share; guidance scales may differ per item."""
+    s = item.sampler
+    return s.name, s.steps, s.eta, s.guidance_interval
+
+
 def _batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
-    """Consecutive items with the same sampler and steps (one sampler call); guidance scales may differ per item."""
+    """Consecutive items with the same `_call_key` (one sampler call), at most `batch_size` of them."""
     batch: list[Item] = []
     for item in items:
-        if batch and (len(batch) == batch_size or (item.sampler.name, item.sampler.steps, item.sampler.eta) !=
-                      (batch[0].sampler.name, batch[0].sampler.steps, batch[0].sampler.eta)):
+        if batch and (len(batch) == batch_size or _call_key(item) != _call_key(batch[0])):
             yield batch
             batch = []
         batch.append(item)
@@ -313,14 +325,14 @@ def generate_batch(backend, schedule: NoiseSchedule, items: list[Item], latent_s
     noise = ImageNoise(items, latent_shape, device)
     x_T = noise.draw()
     class_ids = torch.tensor([it.class_id for it in items], dtype=torch.long, device=device)
-    guidance = torch.tensor([it.sampler.guidance for it in items], dtype=torch.float32)
-    denoise = classifier_free_guidance(backend.denoise, guidance, null_id)
-    auto = torch.tensor([it.sampler.autoguidance for it in items], dtype=torch.float32)
-    if bool((auto != 1.0).any()):
-        # A row has at most one of the two scales (SamplerSpec.validate): where autoguidance applies, `denoise`
-        # is still the plain conditional model.
-        denoise = autoguidance(denoise, backend.denoise_guide, auto)
     s = items[0].sampler
+    guidance = torch.tensor([it.sampler.guidance for it in items], dtype=torch.float32)
+    auto = torch.tensor([it.sampler.autoguidance for it in items], dtype=torch.float32)
+    autoguided = bool((auto != 1.0).any())  # only then is the guide network loaded (`denoise_guide`)
+    active = None if s.guidance_interval is None else noise_level_interval(schedule, *s.guidance_interval)
+    denoise = guided_denoiser(backend.denoise, guidance, null_id, guidance_active=active,
+                              autoguidance=auto if autoguided else None,
+                              guide=backend.denoise_guide if autoguided else None)
     stochastic = get_sampler(s.name).stochastic(s.eta)
     latents = sample(denoise, schedule, x_T, class_ids, sampler=s.name, steps=s.steps, eta=s.eta,
                      randn=(lambda i: noise.draw()) if stochastic else None, on_step=on_step)
@@ -427,12 +439,13 @@ def merge_shards(out_dir: Path) -> tuple[Path, int]:
         with open(part, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
             header = tuple(next(reader, None) or ())
-            if header not in (MANIFEST_COLUMNS, _COLUMNS_BEFORE_AUTOGUIDANCE):
+            missing = [c for c in MANIFEST_COLUMNS if c not in header]
+            if tuple(c for c in MANIFEST_COLUMNS if c not in missing) != header or not set(missing) <= set(_LATER_COLUMNS):
                 raise InputError(f"{part}: not a histosynth manifest (unexpected header)")
-            at = MANIFEST_COLUMNS.index("autoguidance")
             for row in reader:
-                if header == _COLUMNS_BEFORE_AUTOGUIDANCE:
-                    row = row[:at] + ["1.0"] + row[at:]
+                if missing:  # a shard finished by an older histosynth: its missing columns read as "off"
+                    by_name = dict(zip(header, row))
+                    row = [by_name[c] if c in by_name else _LATER_COLUMNS[c] for c in MANIFEST_COLUMNS]
                 if row[0] in rows:
                     raise RunError(f"{part}: {row[0]} is listed by two shards")
                 rows[row[0]] = row
