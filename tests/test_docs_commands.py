@@ -173,3 +173,16 @@ def test_sampler_table_matches_the_registry() -> None:
     section = text.split("## Samplers", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([\w-]+)` \|", section, re.M)
     assert documented == list(SAMPLERS), f"docs/generate.md samplers {documented} != registry {list(SAMPLERS)}"
+
+
+def test_committed_recipes_that_train_sh_runs_resolve_against_the_shipped_bundle() -> None:
+    """configs/pcam96/train.sh reruns measured results from recipes kept next to them in weights/pcam96/eval/; a
+    wrong relative bundle path (round 12's budget recipe had one) only shows when someone reruns it."""
+    from histosynth.sampling.runner import load_plan
+
+    script = (REPO / "configs" / "pcam96" / "train.sh").read_text(encoding="utf-8")
+    paths = sorted(set(re.findall(r"--recipe (weights/\S+\.yaml)", script)))
+    assert paths, "train.sh names no committed recipe"
+    for path in paths:
+        _, bundle, _ = load_plan(REPO / path, verify=False)
+        assert bundle.path.resolve() == (REPO / "weights" / "pcam96").resolve(), path
