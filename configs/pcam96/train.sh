@@ -386,3 +386,25 @@ CONTROL_RUNS="" AUTOGUIDANCE=2 bash benchmarks/pcam96_eval.sh $R/eval-r12c contr
 histosynth generate --recipe weights/pcam96/eval/round12/downstream-a2/recipe.yaml --out $R/down-r12/generated-a2
 python benchmarks/downstream.py --synthetic $R/down-r12/generated-a2 --bundle weights/pcam96 --sizes 100,300 \
   --threads 1 --out $R/down-r12/downstream-a2
+# ---- Round 13 (2026-12-02, thirteenth session; issue 8): no GPU lent; an AMD EPYC machine again. Both guidance
+# terms at once, and classifier-free guidance at the middle noise levels only (sampler.guidance_interval); the
+# networks and the guide stay round 12's. Settings compared on training tiles (1,000 generated vs 2,000 training
+# tiles, the same seeds as round 12's sweep; the first two rows ran through a development copy of the benchmark
+# before the recipe key existed, and the committed code makes the same tiles byte for byte):
+python benchmarks/sampler_quality.py --bundle weights/pcam96 --real ../shared/data/pcam/train --max-real 2000 \
+  --n 1000 --settings dpmpp2m:20:2@0.5-10:a2,dpmpp2m:20:2@0.5-10,dpmpp2m:20:1.5@0.5-10:a2,dpmpp2m:20:3@0.5-10:a2 \
+  --batch-size 50 --backend torch --json $R/round13-sweep.json
+# (the byte-for-byte check: the dev run's recipe with the two keys, `histosynth generate --shard 0/20 --backend torch
+# --batch-size 50`: its first 50 tiles are identical)
+# Controllability (guidance 2 and 1.5 in (0.5, 10], with autoguidance 2), the downstream protocol (the same seeds as
+# rounds 11-12) and the n = 2,907 budget row at guidance 2 in (0.5, 10] with autoguidance 2:
+CONTROL_RUNS="" GUIDANCE=2 GUIDANCE_INTERVAL="0.5, 10" AUTOGUIDANCE=2 bash benchmarks/pcam96_eval.sh $R/eval-r13c control
+CONTROL_RUNS="" GUIDANCE=1.5 GUIDANCE_INTERVAL="0.5, 10" AUTOGUIDANCE=2 bash benchmarks/pcam96_eval.sh $R/eval-r13c control
+histosynth generate --recipe weights/pcam96/eval/round13/downstream-g2i-a2/recipe.yaml --out $R/down-r13/generated
+python benchmarks/downstream.py --synthetic $R/down-r13/generated --bundle weights/pcam96 --sizes 100,300 \
+  --threads 1 --out $R/down-r13/downstream-g2i-a2
+histosynth generate --recipe weights/pcam96/eval/round13/budget-recipe.yaml --out $R/eval-r13/generated
+histosynth evaluate budget --real ../shared/data/pcam/valid --generated $R/eval-r13/generated --n 2907 \
+  --json weights/pcam96/eval/round13/budget-gen-n2907.json
+# The quarter-width guide trained on from scratch for 110 minutes (time_limit_s 6600) on one core beside these:
+histosynth train cldm --config configs/pcam96/cldm-guide-xs.yaml --run-dir $R/cldm-guide-xs --steps 60000
