@@ -157,3 +157,12 @@ def test_help_and_dry_run_show_the_split_layout(tmp_path: Path, bundle: Path) ->
     assert result.exit_code == 0, result.output
     assert f"{out}/train/" in flat(result.output) and f"{out}/val/" in flat(result.output)
     assert not out.exists()
+
+
+def test_dry_run_shows_a_guidance_interval(tmp_path: Path, bundle: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", bundle,
+                          sampler={"name": "dpmpp2m", "steps": 4, "guidance": 2.0, "guidance_interval": [0.5, 10]})
+    result = runner.invoke(app, ["generate", "-r", str(recipe), "-o", str(tmp_path / "o"), "--dry-run"],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "2 (noise 0.5-10)" in result.output

@@ -440,7 +440,8 @@ def merge_shards(out_dir: Path) -> tuple[Path, int]:
             reader = csv.reader(f)
             header = tuple(next(reader, None) or ())
             missing = [c for c in MANIFEST_COLUMNS if c not in header]
-            if tuple(c for c in MANIFEST_COLUMNS if c not in missing) != header or not set(missing) <= set(_LATER_COLUMNS):
+            in_order = tuple(c for c in MANIFEST_COLUMNS if c not in missing) == header
+            if not in_order or not set(missing) <= set(_LATER_COLUMNS):
                 raise InputError(f"{part}: not a histosynth manifest (unexpected header)")
             for row in reader:
                 if missing:  # a shard finished by an older histosynth: its missing columns read as "off"
