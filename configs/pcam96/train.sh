@@ -408,3 +408,11 @@ histosynth evaluate budget --real ../shared/data/pcam/valid --generated $R/eval-
   --json weights/pcam96/eval/round13/budget-gen-n2907.json
 # The quarter-width guide trained on from scratch for 110 minutes (time_limit_s 6600) on one core beside these:
 histosynth train cldm --config configs/pcam96/cldm-guide-xs.yaml --run-dir $R/cldm-guide-xs --steps 60000
+# ... and its step-38,000 EMA weights as the guide (the checkpoint copied to a run folder of its own; `train cldm`
+# there resumes at 38,000 of 38,000 and writes unet.safetensors), exported beside round 10's networks:
+mkdir -p $R/xs-at-38000/checkpoints && cp $R/cldm-guide-xs/checkpoints/step-00038000.safetensors $R/xs-at-38000/checkpoints/
+histosynth train cldm --config configs/pcam96/cldm-guide-xs.yaml --run-dir $R/xs-at-38000 --steps 38000
+export_guided $R/xs-at-38000/unet.safetensors $R/bundle-xs-38000 --overwrite
+python benchmarks/sampler_quality.py --bundle $R/bundle-xs-38000 --real ../shared/data/pcam/train --max-real 2000 \
+  --n 1000 --settings dpmpp2m:20:a1.5,dpmpp2m:20:a2 --batch-size 50 --backend torch \
+  --json weights/pcam96/eval/round13/autoguidance_xs38000.json
