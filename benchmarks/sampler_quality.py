@@ -36,7 +36,7 @@ import yaml
 from histosynth.diffusion.samplers import SAMPLERS
 from histosynth.errors import InputError, RunError
 from histosynth.io import json_safe, write_json
-from histosynth.sampling.recipe import SamplerSpec
+from histosynth.sampling.recipe import SamplerSpec, interval_text
 
 DEFAULT_SETTINGS = "ddpm:1000,ddim:50,ddim:20,dpmpp2m:20,dpmpp2m:10"
 GOAL = {
@@ -74,7 +74,7 @@ class Setting(NamedTuple):
         if self.guidance != 1.0 or self.guidance_interval is not None:
             text += f":{self.guidance:g}"
             if self.guidance_interval is not None:
-                text += "@{:g}-{:g}".format(*self.guidance_interval)
+                text += "@" + interval_text(self.guidance_interval)
         if self.autoguidance != 1.0:
             text += f":a{self.autoguidance:g}"
         return text

@@ -23,6 +23,7 @@ import numpy as np
 from histosynth.errors import InputError
 from histosynth.evaluate.features import read_rgb
 from histosynth.evaluate.plots import confusion_plot, image_grid, line_plot
+from histosynth.sampling.recipe import interval_text
 
 
 def _f(v: Any, digits: int = 4) -> str:
@@ -114,7 +115,7 @@ def _sweep_section(records: list[dict[str, Any]], out_dir: Path, tag: str) -> li
     records = [{**r, "kid": r["kid"].get("mean")} if isinstance(r.get("kid"), dict) else
                ({**r, "kid": r["kid_mean"]} if "kid_mean" in r else r) for r in records]
     # A guidance interval is shown in the guidance cell: "2 @0.5-10" (classifier-free guidance at those noise levels).
-    records = [{**r, "guidance": f"{r['guidance']:g} @{r['guidance_interval'][0]:g}-{r['guidance_interval'][1]:g}"}
+    records = [{**r, "guidance": f"{r['guidance']:g} @{interval_text(r['guidance_interval'])}"}
                if r.get("guidance_interval") and isinstance(r.get("guidance"), (int, float)) else r for r in records]
     keys = [k for k in ("sampler", "steps", "guidance", "autoguidance", "fid", "kid", "seconds", "seconds_per_image")
             if any(k in r for r in records)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Sequence
 
 from histosynth.configio import OneOf, from_dict, load_yaml, require
 from histosynth.diffusion.samplers import SAMPLERS
@@ -49,6 +49,11 @@ class SamplerSpec:
             require(math.isfinite(low) and math.isfinite(high) and 0.0 <= low < high, f"{path}.guidance_interval",
                     f"{list(self.guidance_interval)} is not [low, high] with 0 <= low < high (noise levels "
                     "sigma/alpha, e.g. [0.5, 10]); null = every step")
+
+
+def interval_text(interval: Optional[Sequence[float]]) -> str:
+    """A guidance interval as manifests, tables and benchmark names show it: "0.5-10", or "" for every step."""
+    return "" if interval is None else f"{interval[0]:g}-{interval[1]:g}"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from histosynth.diffusion.samplers import get_sampler, guided_denoiser, noise_le
 from histosynth.diffusion.schedule import NoiseSchedule
 from histosynth.errors import InputError, RunError
 from histosynth.sampling.plan import ImageNoise, Item, Plan, Shard
-from histosynth.sampling.recipe import Recipe, load_recipe
+from histosynth.sampling.recipe import Recipe, interval_text, load_recipe
 from histosynth.imageops import encode_image
 from histosynth.io import check_writable, stale_temporaries, write_bytes, write_csv, write_json, write_text
 
@@ -287,10 +287,6 @@ def _manifest_rows(out: Path, plan: Plan, shard: Shard, done: dict[int, bytearra
         yield [item.relpath, item.name, item.class_id, item.index, item.seed, s.name, s.steps, s.eta, s.guidance,
                s.autoguidance, interval_text(s.guidance_interval), plan.bundle_hash, backend, device]
 
-
-def interval_text(interval: Optional[tuple[float, float]]) -> str:
-    """A guidance interval as manifests and tables show it: "0.5-10", or "" for every step."""
-    return "" if interval is None else f"{interval[0]:g}-{interval[1]:g}"
 
 
 def _write_manifest(path: Path, rows: Iterator[list]) -> None:
