@@ -355,3 +355,26 @@ def test_a_resumed_cldm_counts_from_where_it_started_though_init_from_was_replac
     second = T.train_cldm(_config(steps=12, labels=labels, init_from=init), tmp_path / "run", progress=False)
     assert second.resumed_from == 6  # the checkpoint written at the end of the first call
     assert load_checkpoint(second.unet)[2]["samples_seen"] == (4 + 12) * 8
+
+
+def test_a_continuation_can_start_its_average_at_init_from(cache, tmp_path):
+    """ema_warmup false: the export blends the run into init_from's weights at the full decay."""
+    labels = _labels_csv(tmp_path / "labels.csv", cache.keys)
+    base = T.train_ldm(_config(steps=4), tmp_path / "base", progress=False)
+    init, _, _ = load_checkpoint(base.unet)
+    runs = {}
+    for warmup in (True, False):
+        cfg = _config(steps=10, lr=1e-2, labels=labels, init_from=base.unet, ema_decay=0.99, ema_warmup=warmup)
+        result = T.train_cldm(cfg, tmp_path / f"warmup-{warmup}", progress=False)
+        ckpt = load_file(str(latest_checkpoint(tmp_path / f"warmup-{warmup}" / T.CHECKPOINT_DIR)))
+        runs[warmup] = (load_checkpoint(result.unet)[0], ckpt)
+    key = "conv_in.weight"
+    shipped, ckpt = runs[False]
+    drift = (ckpt[f"module/unet/{key}"].float() - init[key].float()).abs().max()
+    assert drift > 0.01  # the run itself moved
+    # ten updates at 0.99 from the initial weights: 0.99^10 = 90% of the average is still init_from's
+    assert (shipped[key].float() - init[key].float()).abs().max() < 0.15 * drift
+    warmed = runs[True][0][key].float()  # warmed up (decay 0.1 ... 0.47): mostly the run's own weights
+    assert (warmed - init[key].float()).abs().max() > 0.5 * drift
+    with pytest.raises(InputError, match="ema_warmup"):
+        from_dict(T.LDMTrainConfig, {"ema_warmup": False}, "cldm")

@@ -97,6 +97,9 @@ class LDMTrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     steps: int = 10_000  # optimizer steps in total (a resumed run continues up to this)
     ema_decay: float = 0.999  # EMA of the weights; the EMA model is what is shipped
+    ema_warmup: bool = True  # warm the decay up from 0.9 (a run from scratch). False: the average starts at
+    # init_from's weights (already an EMA) at the full decay, so a continuation blends into them instead of
+    # replacing them within a few hundred steps by an average over its own noisy last steps
     loss: Literal["min_snr", "mse"] = "min_snr"  # min-SNR-gamma weighting (Hang et al. 2023) or plain MSE
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
     label_dropout: float = 0.1  # P(label -> null class) for classifier-free guidance (cLDM only)
@@ -138,6 +141,8 @@ class LDMTrainConfig:
         require(self.grad_clip >= 0, f"{path}.grad_clip", "must be >= 0 (0 disables clipping)")
         require(self.steps >= 1, f"{path}.steps", "must be at least 1")
         require(0 <= self.ema_decay < 1, f"{path}.ema_decay", "must be in [0, 1)")
+        require(self.ema_warmup or self.init_from is not None, f"{path}.ema_warmup",
+                "false needs init_from (an average that starts at random weights at the full decay stays near them)")
         require(self.min_snr_gamma > 0, f"{path}.min_snr_gamma", "must be positive")
         require(0 <= self.label_dropout < 1, f"{path}.label_dropout", "must be in [0, 1)")
         require(self.imc_weight >= 0, f"{path}.imc_weight", "must be >= 0")
@@ -331,7 +336,7 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
     for g in groups:
         g["base_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    ema = EMA(unet, config.ema_decay)
+    ema = EMA(unet, config.ema_decay, warmup=config.ema_warmup)
     modules: dict[str, nn.Module] = {"unet": unet, "ema": ema_as_module(ema)}
     if head is not None:
         modules["imc_head"] = head
