@@ -103,9 +103,10 @@ class LDMTrainConfig:
     loss: Literal["min_snr", "mse"] = "min_snr"  # min-SNR-gamma weighting (Hang et al. 2023) or plain MSE
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
     label_dropout: float = 0.1  # P(label -> null class) for classifier-free guidance (cLDM only)
-    augment: bool = False  # random flips / 90-degree turns of the latents themselves: cheap, but a conv encoder is
-    # only roughly equivariant, so turned latents are slightly off the encoder's distribution; the exact
-    # alternative is a cache encoded with `train encode --dihedral` (8 encoder-made views per tile)
+    augment: bool = False  # random flips / 90-degree turns of the latents themselves: cheap, but only right for an
+    # encoder that commutes with them; pcam96's does not (turned latents share 2% of the codes of the turned
+    # tiles' latents: benchmarks/latent_equivariance.py). The exact alternative is a cache encoded with
+    # `train encode --dihedral` (8 encoder-made views per tile)
     autocast: Literal["none", "bf16"] = "none"  # bf16 autocast of the UNet forward (CPU AMX/AVX512-BF16, CUDA);
     # weights, optimizer and loss stay fp32. ~1.5x the steps/s of fp32 on an AMX CPU (benchmarks/train_speed.py)
     compile: bool = False  # torch.compile the training step's forward (UNet + loss): 1.20x the bf16 UNet's
