@@ -417,23 +417,23 @@ python benchmarks/sampler_quality.py --bundle $R/bundle-xs-38000 --real ../share
   --n 1000 --settings dpmpp2m:20:a1.5,dpmpp2m:20:a2 --batch-size 50 --backend torch \
   --json weights/pcam96/eval/round13/autoguidance_xs38000.json
 # ---- Round 14 (2026-12-02, fourteenth session; issue 8): no GPU lent; an AMD EPYC machine again. The shipped UNet
-# (round 5's EMA) continued on the CPU, its average started at the shipped weights at the full decay (ema_warmup:
-# false, 0.9999), with (a) and without (b) random flips / quarter turns of the latents; one core each, 80 min:
+# (round 5's EMA) continued on the CPU with its average started at the shipped weights at the full decay
+# (ema_warmup: false): (b) lr 1e-4, EMA 0.9999, 80 min; (c) lr 5e-5, EMA 0.9998, 70 min; one core each. A run (a)
+# with latent flips (augment: true) was stopped after 25 min: the encoder does not commute with the flips:
 histosynth train encode --vqgan weights/pcam96/next/vqgan-v2.safetensors --data ../shared/data/pcam/train \
   --out $R/latents-v2 --batch-size 128
-for v in aug ema; do
+python benchmarks/latent_equivariance.py --n 128 --json weights/pcam96/eval/round14/latent_equivariance.json
+for v in ema slow; do
   OMP_NUM_THREADS=1 histosynth train cldm --config configs/pcam96/cldm-v2-r14-$v.yaml --run-dir $R/cldm-v2-r14-$v &
 done; wait
-# How far the encoder is from commuting with the flips that (a) applies to its latents:
-python benchmarks/latent_equivariance.py --n 128 --json weights/pcam96/eval/round14/latent_equivariance.json
 # Each candidate beside the shipped decoder and guide, against the shipped UNet on training tiles (the same seeds as
 # rounds 12-13: unguided 46.73, autoguidance 2 43.37):
-for v in aug ema; do
+for v in ema slow; do
   histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet $R/cldm-v2-r14-$v/unet.safetensors \
     --latent-scale 0.6286898256435279 --labels weights/pcam96/training/label_map.yaml --out $R/bundle-r14-$v \
     --mpp 0.972 --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" \
     --guide-unet weights/pcam96/guide_unet.safetensors --overwrite
-  python benchmarks/sampler_quality.py --bundle $R/bundle-r14-$v --real ../shared/data/pcam/train --max-real 2000 \
-    --n 1000 --settings dpmpp2m:20,dpmpp2m:20:a2 --batch-size 50 --backend torch \
+  OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --bundle $R/bundle-r14-$v --real ../shared/data/pcam/train \
+    --max-real 2000 --n 1000 --settings dpmpp2m:20,dpmpp2m:20:a2 --batch-size 50 --backend torch \
     --json weights/pcam96/eval/round14/sq_$v.json &
 done; wait
