@@ -437,3 +437,29 @@ for v in ema slow; do
     --max-real 2000 --n 1000 --settings dpmpp2m:20,dpmpp2m:20:a2 --batch-size 50 --backend torch \
     --json weights/pcam96/eval/round14/sq_$v.json &
 done; wait
+# ---- Round 14 shipped (2026-12-03, fifteenth session; issue 8): run b's EMA export (committed as
+# weights/pcam96/next/unet-r14b.safetensors: the fresh machine kept none of runs/) becomes the shipped UNet, beside
+# round 10's decoder and round 4's guide; then the n = 2,907 budget at autoguidance 2 and controllability:
+histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet weights/pcam96/next/unet-r14b.safetensors \
+  --latent-scale 0.6286898256435279 --labels weights/pcam96/training/label_map.yaml --out weights/pcam96 --mpp 0.972 \
+  --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --guide-unet weights/pcam96/guide_unet.safetensors \
+  --overwrite
+histosynth generate --recipe weights/pcam96/eval/round14/budget-recipe.yaml --out $R/eval-r14/generated
+histosynth evaluate budget --real ../shared/data/pcam/valid --generated $R/eval-r14/generated --n 2907 \
+  --json weights/pcam96/eval/round14/budget-gen-n2907.json
+CONTROL_RUNS="" AUTOGUIDANCE=2 bash benchmarks/pcam96_eval.sh $R/eval-r14c control
+# ---- Round 15 (same session): run b continued from its committed export (Adam restarted with a warm-up, the
+# average started at run b's weights), 90 minutes on one core beside the evaluation above, then compared with it on
+# training tiles (the same seeds as rounds 12-14):
+histosynth train encode --vqgan weights/pcam96/next/vqgan-v2.safetensors --data ../shared/data/pcam/train \
+  --out $R/latents-v2 --batch-size 128
+OMP_NUM_THREADS=1 histosynth train cldm --config configs/pcam96/cldm-v2-r15.yaml --run-dir $R/cldm-v2-r15
+histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet $R/cldm-v2-r15/unet.safetensors \
+  --latent-scale 0.6286898256435279 --labels weights/pcam96/training/label_map.yaml --out $R/bundle-r15 \
+  --mpp 0.972 --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" \
+  --guide-unet weights/pcam96/guide_unet.safetensors --overwrite
+for s in dpmpp2m:20 dpmpp2m:20:a2; do
+  OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --bundle $R/bundle-r15 --real ../shared/data/pcam/train \
+    --max-real 2000 --n 1000 --settings $s --batch-size 50 --backend torch \
+    --json weights/pcam96/eval/round15/sq_${s//:/_}.json &
+done; wait
