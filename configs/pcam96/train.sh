@@ -447,7 +447,7 @@ histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet weigh
 histosynth generate --recipe weights/pcam96/eval/round14/budget-recipe.yaml --out $R/eval-r14/generated
 histosynth evaluate budget --real ../shared/data/pcam/valid --generated $R/eval-r14/generated --n 2907 \
   --json weights/pcam96/eval/round14/budget-gen-n2907.json
-CONTROL_RUNS="" AUTOGUIDANCE=2 bash benchmarks/pcam96_eval.sh $R/eval-r14c control
+CONTROL_RUNS="g2" AUTOGUIDANCE=2 bash benchmarks/pcam96_eval.sh $R/eval-r14c control
 # ---- Round 15 (same session): run b continued from its committed export (Adam restarted with a warm-up, the
 # average started at run b's weights), 90 minutes on one core beside the evaluation above, then compared with it on
 # training tiles (the same seeds as rounds 12-14):
@@ -464,9 +464,9 @@ for s in dpmpp2m:20 dpmpp2m:20:a2; do
     --json weights/pcam96/eval/round15/sq_${s//:/_}.json &
 done; wait
 # Round 15: 9,152 steps; 45.86 unguided and 40.74 at autoguidance 2 against run b's 45.96 and 41.04: flat, not
-# shipped, its weights not kept. The README main command timed on idle cores, then both bundles alternated:
+# shipped, its weights not kept. The README main command timed on idle cores, then both bundles' speed alternated:
 /usr/bin/time -f "%e s" histosynth generate --recipe recipes/balanced.yaml --out $R/readme-data
 mkdir -p $R/r12tree && git archive 8733ffb weights/pcam96 | tar -x -C $R/r12tree --exclude=weights/pcam96/eval
-for b in $R/r12tree/weights/pcam96 weights/pcam96 $R/r12tree/weights/pcam96 weights/pcam96; do
-  rm -rf $R/ab; /usr/bin/time -f "$b %e s" histosynth generate --recipe recipes/balanced.yaml --bundle $b --out $R/ab
-done
+for i in 1 2; do for b in $R/r12tree/weights/pcam96 weights/pcam96; do
+  python benchmarks/generate_speed.py --bundle $b --backends onnx --samplers dpmpp2m:20 --batch 25 --repeats 3
+done; done  # -> weights/pcam96/eval/round14/generate_speed_r12_vs_r14.json
