@@ -190,3 +190,17 @@ def test_onnx_sessions_do_not_spin_and_the_guide_runs_in_both_backends(tmp_path)
     guide_onnx, guide_torch = onnx_backend.denoise_guide(x, t, y), torch_backend.denoise_guide(x, t, y)
     torch.testing.assert_close(guide_onnx, guide_torch, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(guide_torch, torch_backend.denoise(x, t, y))  # a network of its own
+
+
+def test_both_backends_run_each_timestep_on_its_experts_network(tmp_path) -> None:
+    split = load_bundle(tiny_bundle(tmp_path, num_classes=3, tile_size=32, name="split", experts=(500,)))
+    onnx_backend = make_backend(split, "onnx", "cpu", "fp32")
+    torch_backend = make_backend(split, "torch", "cpu", "fp32")
+    base, expert = split.build_unet(), split.build_unet_experts()[0][1]
+    x = torch.randn(4, *split.manifest.latent_shape)
+    t, y = torch.tensor([10, 499, 500, 900]), torch.tensor([0, 1, 2, 3])
+    with torch.inference_mode():
+        expected = torch.cat([base(x[:2], t[:2], y[:2]), expert(x[2:], t[2:], y[2:])])
+        assert not torch.allclose(base(x, t, y), expert(x, t, y), atol=1e-3)  # two networks of their own
+    torch.testing.assert_close(torch_backend.denoise(x, t, y), expected)
+    torch.testing.assert_close(onnx_backend.denoise(x, t, y), expected, atol=1e-4, rtol=1e-4)

@@ -378,3 +378,31 @@ def test_manifest_guide_entries_must_come_with_their_files(tmp_path: Path) -> No
     del data["files"]["guide_unet.safetensors"]
     (guided / MANIFEST_NAME).write_text(json.dumps(data))
     assert not load_bundle(guided).has_guide
+
+
+def test_manifest_experts_must_ascend_and_come_with_their_files(tmp_path: Path) -> None:
+    split = tiny_bundle(tmp_path, num_classes=3, tile_size=32, name="split", experts=(400, 700))
+    m = load_bundle(split).manifest
+    assert m.unet_experts == [400, 700] and m.expert_ranges == [(0, 400), (400, 700), (700, 1000)]
+    for name in ("unet_t400.onnx", "unet_t400.safetensors", "unet_t700.onnx", "unet_t700.safetensors"):
+        assert name in m.files and (split / name).is_file()
+    assert read_checkpoint_metadata(split / "unet_t400.safetensors")[1]["t_range"] == [400, 700]
+    data = json.loads((split / MANIFEST_NAME).read_text())
+    for experts, message in (([700, 400], r"unet_experts\[1\]: 400: expert ranges start at ascending"),
+                             ([400, 1000], r"unet_experts\[1\]: 1000"),
+                             ([400], "lacks the expert of unet_t700.onnx, unet_t700.safetensors"),
+                             ([400, 700, 800], "files list lacks unet_t800.onnx, unet_t800.safetensors")):
+        (split / MANIFEST_NAME).write_text(json.dumps({**data, "unet_experts": experts}))
+        with pytest.raises(InputError, match=message):
+            read_manifest(split)
+    plain = json.loads((tiny_bundle(tmp_path, num_classes=3, tile_size=32, name="plain") / MANIFEST_NAME).read_text())
+    assert "unet_experts" not in plain  # a bundle with one UNet is written as before
+
+
+def test_export_refuses_an_expert_built_unlike_the_unet(tmp_path: Path) -> None:
+    vqgan, unet = tiny_networks(2)
+    other = tiny_networks(2, latent_channels=4)[1]
+    with pytest.raises(InputError, match="expert from t = 500 is not built like the UNet"):
+        export_bundle(vqgan, unet, tmp_path / "b", class_names=["a", "b"], schedule_config=ScheduleConfig(),
+                      latent_scale=1.0, tile_size=32, microns_per_pixel=0.5, unet_experts=[(500, other)])
+    assert not (tmp_path / "b").exists()

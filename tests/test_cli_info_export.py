@@ -159,3 +159,36 @@ def test_export_with_a_guide_network_and_info_shows_it(checkpoints: dict[str, Pa
     result = runner.invoke(app, base + ["--out", str(tmp_path / "refused"), "--guide-unet", str(other_path)])
     assert result.exit_code == 2 and "same latents and classes" in " ".join(result.output.split())
     assert not (tmp_path / "refused").exists()
+
+
+def test_export_with_noise_range_experts_and_info_shows_them(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    def expert(seed: int, t_range: list[int] | None, name: str) -> Path:
+        net = tiny_networks(2, seed=seed)[1]
+        extra = {"kind": "cldm", "step": 7, "samples_seen": 224, **({"t_range": t_range} if t_range else {})}
+        return save_checkpoint(net, tmp_path / name, to_dict(net.config), extra)
+
+    base = ["export", "--vqgan", str(checkpoints["vqgan"]), "--unet", str(checkpoints["unet"]),
+            "--labels", str(checkpoints["labels"])]
+    hi, mid = expert(6, [700, 1000], "hi.safetensors"), expert(7, [400, 700], "mid.safetensors")
+    out = tmp_path / "split"
+    result = runner.invoke(app, base + ["--out", str(out), "--unet-expert", str(hi), "--unet-expert", str(mid)])
+    assert result.exit_code == 0, result.output
+    assert "t in [0, 400), t in [400, 700), t in [700, 1000)" in result.output and "experts" in result.output
+    b = load_bundle(out)
+    assert b.unet_experts == [400, 700]
+    assert b.manifest.provenance.extra["unet_experts"] == [
+        {"t_min": 400, "checkpoint": "mid.safetensors", "step": 7, "samples_seen": 224},
+        {"t_min": 700, "checkpoint": "hi.safetensors", "step": 7, "samples_seen": 224}]
+    torch.testing.assert_close(dict(b.build_unet_experts())[700].state_dict(),
+                               tiny_networks(2, seed=6)[1].state_dict())
+    info = runner.invoke(app, ["info", str(out)])
+    assert "noise-range experts" in info.output and "t in [400, 700): unet_t400" in " ".join(info.output.split())
+
+    refusals = (([expert(8, None, "plain.safetensors")], "records no noisier timestep range"),
+                ([mid], "the last range ends at t = 700, not at T = 1000"),
+                ([expert(9, [300, 600], "gap.safetensors"), hi], "starts at t = 700, the previous range ends at 600"))
+    for experts, message in refusals:
+        result = runner.invoke(app, base + ["--out", str(tmp_path / "refused")]
+                               + [a for p in experts for a in ("--unet-expert", str(p))])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert not (tmp_path / "refused").exists()

@@ -378,3 +378,43 @@ def test_a_continuation_can_start_its_average_at_init_from(cache, tmp_path):
     assert (warmed - init[key].float()).abs().max() > 0.5 * drift
     with pytest.raises(InputError, match="ema_warmup"):
         from_dict(T.LDMTrainConfig, {"ema_warmup": False}, "cldm")
+
+
+def test_an_expert_trains_only_its_timesteps_and_samples_with_its_partner(cache, tmp_path):
+    """t_min/t_max: every drawn timestep is in the range; grids and the check run the init network elsewhere."""
+    labels = _labels_csv(tmp_path / "labels.csv", cache.keys)
+    base = T.train_ldm(_config(steps=4), tmp_path / "base", progress=False)
+    drawn: list[torch.Tensor] = []
+    real_randint, real_switch = torch.randint, T.range_with_partner
+    switched: list[tuple[int, int]] = []
+
+    def spy(low, high, size, *a, **kw):
+        out = real_randint(low, high, size, *a, **kw)
+        if high == 1000 or low > 0:  # the timesteps (not the data pipeline's or label dropout's draws)
+            drawn.append(out)
+        return out
+
+    def spy_switch(expert, partner, t_min, t_max, top):
+        switched.append((t_min, t_max))
+        return real_switch(expert, partner, t_min, t_max, top)
+
+    with pytest.MonkeyPatch.context() as spies:
+        spies.setattr(T.torch, "randint", spy)
+        spies.setattr(T, "range_with_partner", spy_switch)
+        result = T.train_cldm(_config(steps=6, labels=labels, init_from=base.unet, t_min=600, ema_warmup=False),
+                              tmp_path / "hi", progress=False)
+    steps = torch.cat(drawn)
+    assert steps.numel() == 6 * 8 and int(steps.min()) >= 600 and int(steps.max()) <= 999
+    assert load_checkpoint(result.unet)[2]["t_range"] == [600, 1000]
+    assert switched and set(switched) == {(600, 1000)}  # the end-of-run grid sampled through the switch
+    full = T.train_cldm(_config(steps=2, labels=labels, init_from=base.unet), tmp_path / "full", progress=False)
+    assert "t_range" not in load_checkpoint(full.unet)[2]
+
+
+def test_an_expert_needs_init_from_and_a_range_with_timesteps():
+    for data, key in (({"t_min": 500}, "t_min"), ({"t_max": 0}, "t_max"), ({"t_max": 1001}, "t_max"),
+                      ({"t_min": 400, "t_max": 400, "init_from": "u.safetensors"}, "t_min")):
+        with pytest.raises(InputError, match=key):
+            from_dict(T.LDMTrainConfig, data, "cldm")
+    cfg = from_dict(T.LDMTrainConfig, {"t_max": 500, "init_from": "u.safetensors"}, "cldm")
+    assert (cfg.t_min, T._t_max(cfg)) == (0, 500)

@@ -43,6 +43,7 @@ from histosynth.bundle.manifest import (
     ClassEntry,
     Manifest,
     Provenance,
+    expert_files,
     manifest_from_dict,
     write_manifest,
 )
@@ -70,6 +71,7 @@ class ExportReport:
     file_sizes: dict[str, int]  # bytes per file, manifest included
     seconds: float
     guide_max_abs_diff: Optional[float] = None  # the guide UNet's, where the bundle has one
+    experts_max_abs_diff: Optional[float] = None  # the largest of the noise-range experts', where it has them
 
 
 def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -213,6 +215,8 @@ def export_bundle(
     on_stage: Callable[[str], None] | None = None,
     guide_unet: Optional[UNet] = None,
     guide_facts: Optional[Mapping[str, int]] = None,
+    unet_experts: Sequence[tuple[int, UNet]] = (),
+    expert_facts: Optional[Mapping[int, Mapping[str, int]]] = None,
 ) -> ExportReport:
     """Write a complete, verified bundle to `out_dir` and return an `ExportReport`.
 
@@ -221,7 +225,9 @@ def export_bundle(
     lab's label value and its name that class `i` stands for (the label map's `label`, `label_name`). Raises `InputError` for inconsistent arguments and `RunError`
     when ONNX Runtime disagrees with torch by more than `tolerance` (nothing is written then). `guide_unet`
     (optional) is a weaker UNet of the same latents and classes, shipped for autoguidance with its
-    `guide_facts` (`step`, `samples_seen`) in its weights file.
+    `guide_facts` (`step`, `samples_seen`) in its weights file. `unet_experts` (optional) are (t_min, UNet) of
+    noise-range experts with the UNet's config, ascending: each runs from its t_min to the next one's (or T),
+    `unet` below the first (diffusion.experts); `expert_facts[t_min]` go in each one's weights file.
     """
     start = time.perf_counter()
     stage = on_stage or (lambda _msg: None)
@@ -247,6 +253,11 @@ def export_bundle(
         )
     # That a guide sees the UNet's latents and classes is the manifest's rule, checked in the round trip below.
     guide_config: Optional[UNetConfig] = None if guide_unet is None else guide_unet.config
+    expert_starts = [t_min for t_min, _ in unet_experts]
+    for t_min, expert in unet_experts:
+        if to_dict(expert.config) != to_dict(unet_config):
+            raise InputError(f"unet_experts: the expert from t = {t_min} is not built like the UNet (config "
+                             f"{to_dict(expert.config)} against {to_dict(unet_config)}); experts share its config")
     if unet_config.in_channels != vq_config.latent_channels:
         raise InputError(
             f"unet.in_channels ({unet_config.in_channels}) != vqgan.latent_channels ({vq_config.latent_channels}):"
@@ -271,6 +282,8 @@ def export_bundle(
     file_names = [UNET_ONNX, UNET_WEIGHTS, DECODER_ONNX, DECODER_WEIGHTS]
     if guide_unet is not None:
         file_names += [GUIDE_UNET_ONNX, GUIDE_UNET_WEIGHTS]
+    for t_min in expert_starts:
+        file_names += list(expert_files(t_min))
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         tile_size=tile_size,
@@ -287,12 +300,14 @@ def export_bundle(
         vqgan=to_dict(vq_config),
         created_with=histosynth.__version__,
         guide_unet={} if guide_config is None else to_dict(guide_config),
+        unet_experts=expert_starts,
     )
     # Round trip through the parser: every nested check (class names, shapes) runs before any slow work.
     manifest = manifest_from_dict(to_dict(manifest))
 
     unet_cpu = _cpu_copy(unet)
     guide_cpu = None if guide_unet is None else _cpu_copy(guide_unet)
+    experts_cpu = [(t_min, _cpu_copy(expert)) for t_min, expert in unet_experts]
     decoder_cpu = BundleDecoder(_cpu_copy(latent_decoder), latent_scale).eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +330,12 @@ def export_bundle(
             facts = dict(guide_facts or {})
             save_checkpoint(guide_cpu, tmp / GUIDE_UNET_WEIGHTS, manifest.guide_unet,
                             {"kind": "unet", "role": "guide", **_facts(facts.get("step"), facts.get("samples_seen"))})
+        ranges = dict(zip(expert_starts, [*expert_starts[1:], schedule_config.num_train_steps]))
+        for t_min, expert in experts_cpu:
+            facts = dict((expert_facts or {}).get(t_min, {}))
+            save_checkpoint(expert, tmp / expert_files(t_min)[1], manifest.unet,
+                            {"kind": "unet", "role": "expert", "t_range": [t_min, ranges[t_min]],
+                             **_facts(facts.get("step"), facts.get("samples_seen"))})
         save_checkpoint(decoder_cpu.latent_decoder, tmp / DECODER_WEIGHTS, manifest.vqgan,
                         {"kind": "decoder", "latent_scale": float(latent_scale),
                          **_facts(provenance.steps.get("vqgan"), seen.get("vqgan"))})
@@ -337,6 +358,9 @@ def export_bundle(
         if guide_cpu is not None:
             stage("exporting guide_unet.onnx")
             _export_onnx(guide_cpu, (x, t, class_ids), tmp / GUIDE_UNET_ONNX, UNET_INPUTS, UNET_OUTPUT)
+        for t_min, expert in experts_cpu:
+            stage(f"exporting {expert_files(t_min)[0]}")
+            _export_onnx(expert, (x, t, class_ids), tmp / expert_files(t_min)[0], UNET_INPUTS, UNET_OUTPUT)
         stage("exporting decoder.onnx")
         _export_onnx(decoder_cpu, (latents,), tmp / DECODER_ONNX, (DECODER_INPUT,), DECODER_OUTPUT)
 
@@ -344,7 +368,9 @@ def export_bundle(
         unet_inputs = {"x": x.numpy(), "t": t.numpy(), "class_ids": class_ids.numpy()}
         diffs: dict[str, float] = {}
         try:
-            for name, module, onnx_file in (("unet", unet_cpu, UNET_ONNX), ("guide unet", guide_cpu, GUIDE_UNET_ONNX)):
+            unets = [("unet", unet_cpu, UNET_ONNX), ("guide unet", guide_cpu, GUIDE_UNET_ONNX),
+                     *((f"expert from t = {t_min}", expert, expert_files(t_min)[0]) for t_min, expert in experts_cpu)]
+            for name, module, onnx_file in unets:
                 if module is not None:
                     with torch.inference_mode():
                         ref = module(x, t, class_ids)
@@ -373,8 +399,9 @@ def export_bundle(
     finally:
         # Empty or gone after a successful move; the partial export after a failure.
         shutil.rmtree(tmp, ignore_errors=True)
+    expert_diffs = [d for name, d in diffs.items() if name.startswith("expert")]
     return ExportReport(out, manifest, unet_diff, decoder_diff, tolerance, sizes, time.perf_counter() - start,
-                        diffs.get("guide unet"))
+                        diffs.get("guide unet"), max(expert_diffs) if expert_diffs else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,12 +431,15 @@ def export_from_checkpoints(
     overwrite: bool = False,
     on_stage: Callable[[str], None] | None = None,
     guide_unet_ckpt: str | Path | None = None,
+    unet_expert_ckpts: Sequence[str | Path] = (),
 ) -> ExportReport:
     """`histosynth export`: rebuild both networks from their checkpoints and write a bundle.
 
     Facts not given as arguments come from the checkpoints' `extra` metadata (UNet first, then VQ-GAN;
     keys in docs/bundle.md). A missing required fact is an `InputError` naming the option to pass.
     `guide_unet_ckpt` adds a weaker UNet checkpoint of the same latents and classes for autoguidance.
+    `unet_expert_ckpts` add noise-range experts (`train cldm` with `t_min`/`t_max`; each records its `t_range`):
+    their ranges must follow each other up to T, and `unet_ckpt` runs the timesteps below the first.
     """
     stage = on_stage or (lambda _msg: None)
     stage("reading checkpoints")
@@ -451,6 +481,8 @@ def export_from_checkpoints(
         load_state_dict(guide, guide_state, guide_unet_ckpt)
         guide_facts = {k: int(guide_extra[k]) for k in ("step", "samples_seen") if isinstance(guide_extra.get(k), int)}
 
+    experts, expert_facts = _read_experts(unet_expert_ckpts, unet_ckpt, unet_extra, unet, label_names)
+
     tile = _pick("tile_size", tile_size, unet_extra, vq_extra)
     if tile is None:
         raise InputError("--tile-size: not recorded in either checkpoint; pass it")
@@ -469,7 +501,10 @@ def export_from_checkpoints(
         data=str(_pick("data", data, unet_extra, vq_extra) or ""),
         steps=steps,
         extra={**labels.extra, "checkpoints": checkpoints, **({"samples_seen": seen} if seen else {}),
-               **({"guide_unet": guide_facts} if guide is not None else {})},
+               **({"guide_unet": guide_facts} if guide is not None else {}),
+               **({"unet_experts": [{"t_min": t_min, "checkpoint": Path(path).name, **expert_facts[t_min]}
+                                    for (t_min, _), path in zip(experts, _by_start(unet_expert_ckpts))]}
+                  if experts else {})},
     )
     return export_bundle(
         decoder, unet, out_dir,
@@ -486,4 +521,56 @@ def export_from_checkpoints(
         on_stage=on_stage,
         guide_unet=guide,
         guide_facts=guide_facts,
+        unet_experts=experts,
+        expert_facts=expert_facts,
     )
+
+
+def _t_range(path: str | Path) -> Optional[list[int]]:
+    extra = load_checkpoint(path)[2]
+    value = extra.get("t_range")
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == 2 else None
+
+
+def _by_start(paths: Sequence[str | Path]) -> list[str | Path]:
+    """Expert checkpoints in the order of their ranges."""
+    return sorted(paths, key=lambda p: (_t_range(p) or [0])[0])
+
+
+def _read_experts(paths: Sequence[str | Path], unet_ckpt: str | Path, unet_extra: Mapping[str, Any], unet: UNet,
+                  label_names: list[str]) -> tuple[list[tuple[int, UNet]], dict[int, dict[str, int]]]:
+    """The expert UNets by t_min, with their facts; `InputError` unless their ranges follow each other up to T."""
+    if not paths:
+        return [], {}
+    top = int((unet_extra.get("schedule") or {}).get("num_train_steps", 1000))
+    experts: list[tuple[int, UNet]] = []
+    facts: dict[int, dict[str, int]] = {}
+    end = None
+    for path in _by_start(paths):
+        state, config, extra = load_checkpoint(path)
+        t_range = _t_range(path)
+        if t_range is None or t_range[0] <= 0:
+            raise InputError(f"--unet-expert {path}: records no noisier timestep range (t_range); an expert is a "
+                             "`train cldm` run with t_min > 0 (docs/training.md)")
+        if end is not None and t_range[0] != end:
+            raise InputError(f"--unet-expert {path}: starts at t = {t_range[0]}, the previous range ends at {end}; "
+                             "the experts' ranges must follow each other")
+        names = extra.get("class_names")
+        if names and list(names) != label_names:
+            raise InputError(f"--unet-expert {path}: trained on classes {list(names)}, the label map has {label_names}")
+        if extra.get("schedule") != unet_extra.get("schedule"):
+            raise InputError(f"--unet-expert {path}: trained with schedule {extra.get('schedule')}, the UNet with "
+                             f"{unet_extra.get('schedule')}; experts share one noise schedule")
+        expert = UNet(from_dict(UNetConfig, config, f"{path}: config"))
+        load_state_dict(expert, state, path)
+        experts.append((t_range[0], expert))
+        facts[t_range[0]] = {k: int(extra[k]) for k in ("step", "samples_seen") if isinstance(extra.get(k), int)}
+        end = t_range[1]
+    if end != top:
+        raise InputError(f"--unet-expert: the last range ends at t = {end}, not at T = {top}; the experts must cover "
+                         "every timestep from the first one's t_min on")
+    base_range = unet_extra.get("t_range")
+    if isinstance(base_range, (list, tuple)) and list(base_range) != [0, experts[0][0]]:
+        raise InputError(f"{unet_ckpt}: an expert of t in {list(base_range)}, but as the bundle's UNet it runs "
+                         f"t < {experts[0][0]} (below the first --unet-expert)")
+    return experts, facts

@@ -30,6 +30,16 @@ REQUIRED_FILES = (UNET_ONNX, DECODER_ONNX, UNET_WEIGHTS, DECODER_WEIGHTS)
 GUIDE_UNET_ONNX = "guide_unet.onnx"
 GUIDE_UNET_WEIGHTS = "guide_unet.safetensors"
 GUIDE_FILES = (GUIDE_UNET_ONNX, GUIDE_UNET_WEIGHTS)
+# Optional noise-range experts (added within format version 1): a UNet per range of noisier timesteps, named by
+# the first timestep it runs; `unet.*` runs the timesteps below the first (diffusion.experts).
+_EXPERT_PREFIX = "unet_t"
+
+
+def expert_files(t_min: int) -> tuple[str, str]:
+    """The ONNX graph and weights file of the expert that runs from timestep `t_min` on."""
+    return f"{_EXPERT_PREFIX}{t_min}.onnx", f"{_EXPERT_PREFIX}{t_min}.safetensors"
+
+
 # Names of the ONNX graphs' inputs and outputs (part of the format: the ONNX backend binds by name).
 UNET_INPUTS = ("x", "t", "class_ids")  # float32 (N,C,h,w), float32 (N,) train timesteps, int64 (N,)
 UNET_OUTPUT = "model_output"  # float32 (N,C,h,w): epsilon or v
@@ -95,6 +105,10 @@ class Manifest:
     # UNetConfig of the autoguidance guide network, {} when the bundle has none. Left out of manifest.json when
     # empty, so bundles without a guide keep their bytes (and hashes) and stay readable by older versions.
     guide_unet: dict[str, Any] = field(default_factory=dict)
+    # First timestep of each noise-range expert, ascending ([] for one UNet). Expert k runs t in
+    # [unet_experts[k], unet_experts[k + 1]) with the UNet's config (`unet`); `unet.*` runs t < unet_experts[0].
+    # Left out of manifest.json when empty, like `guide_unet`.
+    unet_experts: list[int] = field(default_factory=list)
 
     def validate(self, path: str) -> None:
         require(1 <= self.format_version <= FORMAT_VERSION, f"{path}.format_version",
@@ -131,6 +145,17 @@ class Manifest:
                         "see the same latents and classes")
         else:
             require(not guide_files, f"{path}.guide_unet", f"missing, but the files list has {', '.join(guide_files)}")
+        top = self.schedule.num_train_steps
+        last = 0
+        for k, t_min in enumerate(self.unet_experts):
+            require(last < t_min < top, f"{path}.unet_experts[{k}]",
+                    f"{t_min}: expert ranges start at ascending timesteps in 1..{top - 1}")
+            last = t_min
+            lacking = [f for f in expert_files(t_min) if f not in self.files]
+            require(not lacking, f"{path}.files", f"unet_experts has {t_min} but the files list lacks {', '.join(lacking)}")
+        stray = sorted(f for f in self.files if f.startswith(_EXPERT_PREFIX)
+                       and f not in {name for t in self.unet_experts for name in expert_files(t)})
+        require(not stray, f"{path}.unet_experts", f"lacks the expert of {', '.join(stray)} in the files list")
         for name, digest in self.files.items():
             require(Path(name).name == name and name not in (".", "..", MANIFEST_NAME), f"{path}.files",
                     f"{name!r} must be a plain file name inside the bundle")
@@ -152,13 +177,20 @@ class Manifest:
         """Whether the bundle ships a guide network for autoguidance."""
         return bool(self.guide_unet)
 
+    @property
+    def expert_ranges(self) -> list[tuple[int, int]]:
+        """[t_min, t_max) of `unet.*` and then of each expert, covering every training timestep."""
+        starts = [0, *self.unet_experts]
+        return list(zip(starts, [*self.unet_experts, self.schedule.num_train_steps]))
+
     def to_json(self) -> str:
         """The manifest as pretty, key-sorted JSON text (stable bytes, so its hash is stable)."""
         data = to_dict(self)
         data["classes"] = [{k: v for k, v in c.items() if v is not None or k not in _OPTIONAL_CLASS_KEYS}
                            for c in data["classes"]]
-        if not data["guide_unet"]:
-            del data["guide_unet"]
+        for optional in ("guide_unet", "unet_experts"):
+            if not data[optional]:
+                del data[optional]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def replace(self, **changes: Any) -> "Manifest":

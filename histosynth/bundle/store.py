@@ -22,6 +22,7 @@ from histosynth.bundle.manifest import (
     UNET_ONNX,
     UNET_WEIGHTS,
     Manifest,
+    expert_files,
     read_manifest,
 )
 from histosynth.errors import InputError
@@ -112,6 +113,15 @@ class Bundle:
     def guide_unet_onnx(self) -> Path:
         return self.file(GUIDE_UNET_ONNX)
 
+    @property
+    def unet_experts(self) -> list[int]:
+        """First timestep of each noise-range expert ([] for a bundle with one UNet)."""
+        return list(self.manifest.unet_experts)
+
+    def expert_onnx(self, t_min: int) -> Path:
+        """The ONNX graph of the expert that runs from timestep `t_min` on."""
+        return self.file(expert_files(t_min)[0])
+
     def class_id(self, name: str) -> int:
         """The id of class `name`; an `InputError` listing the valid names otherwise."""
         for entry in self.manifest.classes:
@@ -124,6 +134,15 @@ class Bundle:
         from histosynth.bundle.modules import build_unet_module
 
         return build_unet_module(self.manifest.unet, self.file(UNET_WEIGHTS)).to(device=device, dtype=dtype).eval()
+
+    def build_unet_experts(
+        self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> list[tuple[int, torch.nn.Module]]:
+        """(t_min, torch UNet) of each noise-range expert, in eval mode; [] for a bundle with one UNet."""
+        from histosynth.bundle.modules import build_unet_module
+
+        return [(t_min, build_unet_module(self.manifest.unet, self.file(expert_files(t_min)[1]))
+                 .to(device=device, dtype=dtype).eval()) for t_min in self.manifest.unet_experts]
 
     def build_guide_unet(
         self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32

@@ -69,24 +69,26 @@ def tiny_bundle(
     prediction: str = "epsilon",
     latent_channels: int = 3,
     guide: bool = False,
+    experts: tuple[int, ...] = (),
 ) -> Path:
     """Export a tiny bundle to ``tmp_path / name`` and return its folder (classes from `TISSUE_NAMES`).
 
-    `guide` adds a guide UNet for autoguidance: the same tiny UNet from another seed.
+    `guide` adds a guide UNet for autoguidance: the same tiny UNet from another seed. `experts` adds a
+    noise-range expert from each of these timesteps on (the tiny UNet from seeds + 2, + 3, ...).
     """
     global _CACHE_ROOT
-    key = (num_classes, tile_size, seed, prediction, latent_channels, guide)
+    key = (num_classes, tile_size, seed, prediction, latent_channels, guide, tuple(experts))
     if key not in _CACHE:
         if _CACHE_ROOT is None:
             _CACHE_ROOT = Path(tempfile.mkdtemp(prefix="histosynth-tiny-bundles-"))
             atexit.register(shutil.rmtree, _CACHE_ROOT, True)
         _CACHE[key] = _export_tiny(_CACHE_ROOT / f"b{len(_CACHE)}", num_classes, tile_size, seed, prediction,
-                                   latent_channels, guide)
+                                   latent_channels, guide, tuple(experts))
     return Path(shutil.copytree(_CACHE[key], Path(tmp_path) / name))
 
 
 def _export_tiny(out: Path, num_classes: int, tile_size: int, seed: int, prediction: str,
-                 latent_channels: int, guide: bool) -> Path:
+                 latent_channels: int, guide: bool, experts: tuple[int, ...]) -> Path:
     vqgan, unet = tiny_networks(num_classes, seed, latent_channels)
     guide_unet = tiny_networks(num_classes, seed + 1, latent_channels)[1] if guide else None
     names = sorted(TISSUE_NAMES[i] if i < len(TISSUE_NAMES) else f"class{i:03d}" for i in range(num_classes))
@@ -101,5 +103,7 @@ def _export_tiny(out: Path, num_classes: int, tile_size: int, seed: int, predict
                               extra={"K": num_classes}),
         guide_unet=guide_unet,
         guide_facts={"step": 0, "samples_seen": 0} if guide else None,
+        unet_experts=[(t_min, tiny_networks(num_classes, seed + 2 + k, latent_channels)[1])
+                      for k, t_min in enumerate(experts)],
     )
     return report.path

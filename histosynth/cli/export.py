@@ -29,6 +29,9 @@ def export_command(
     guide_unet: Optional[Path] = typer.Option(
         None, "--guide-unet", help="A weaker UNet checkpoint of the same latents and classes (an earlier or smaller "
                                    "one), shipped for autoguidance (docs/generate.md)."),
+    unet_expert: Optional[list[Path]] = typer.Option(
+        None, "--unet-expert", help="A noise-range expert (`train cldm` with t_min > 0), repeatable: it runs its "
+                                    "noisier timesteps and --unet the ones below (docs/bundle.md)."),
 ) -> None:
     """Write a bundle (ONNX + safetensors + manifest) and check ONNX Runtime against torch."""
     from histosynth.bundle.export import export_from_checkpoints
@@ -38,6 +41,7 @@ def export_command(
             vqgan, unet, labels, out, tile_size=tile_size, microns_per_pixel=mpp, latent_scale=latent_scale,
             data=data, tolerance=tolerance, overwrite=overwrite,
             on_stage=lambda msg: status.update(f"export: {msg}"), guide_unet_ckpt=guide_unet,
+            unet_expert_ckpts=unet_expert or (),
         )
     m = report.manifest
     table = Table(title=f"bundle {report.path}")
@@ -50,6 +54,10 @@ def export_command(
     console.print(f"classes: {', '.join(m.class_names)} (null id {m.null_id}); tile {m.tile_size} px at "
                   f"{m.microns_per_pixel:g} um/px; latents {tuple(m.latent_shape)} x {m.latent_scale:.4g}")
     guide = "" if report.guide_max_abs_diff is None else f", guide unet {report.guide_max_abs_diff:.2e}"
+    if report.experts_max_abs_diff is not None:
+        guide += f", experts {report.experts_max_abs_diff:.2e}"
+        console.print("noise ranges: " + ", ".join(f"t in [{a}, {b})" for a, b in m.expert_ranges)
+                      + " (unet, then each expert)")
     console.print(f"ONNX Runtime vs torch, max |diff|: unet {report.unet_max_abs_diff:.2e}{guide}, decoder "
                   f"{report.decoder_max_abs_diff:.2e} (tolerance {report.tolerance:g}); {report.seconds:.1f} s")
 

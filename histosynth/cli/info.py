@@ -38,6 +38,9 @@ def info_command(
                         f"guide UNet, base {m.guide_unet.get('base_channels', '?')} channels"
                         + (f", {guide['samples_seen']:,} latents seen" if "samples_seen" in guide else "")
                         + " (recipes: autoguidance > 1)")
+        if m.unet_experts:
+            summary.add_row("noise-range experts", ", ".join(
+                f"t in [{a}, {b}): {'unet' if k == 0 else f'unet_t{a}'}" for k, (a, b) in enumerate(m.expert_ranges)))
         p = m.provenance
         summary.add_row("provenance", f"data: {p.data or '-'}; steps: {p.steps or '-'}; date: {p.date or '-'}")
         console.print(summary)

@@ -21,6 +21,7 @@ training tiles at the end (`verdict.json`).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,7 @@ from histosynth.diffusion.data import (
     open_latents,
     read_labels,
 )
+from histosynth.diffusion.experts import range_with_partner
 from histosynth.diffusion.grow import deepen, grown_from
 from histosynth.diffusion.objective import DiffusionObjective, copy_matching_weights
 from histosynth.diffusion.samplers import sample as run_sampler
@@ -102,6 +104,8 @@ class LDMTrainConfig:
     # replacing them within a few hundred steps by an average over its own noisy last steps
     loss: Literal["min_snr", "mse"] = "min_snr"  # min-SNR-gamma weighting (Hang et al. 2023) or plain MSE
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
+    t_min: int = 0  # train on timesteps t_min <= t < t_max only: a noise-range expert (eDiff-I, Balaji et al.
+    t_max: Optional[int] = None  # 2022) that a sampler switches to in its range; None = T (every timestep)
     label_dropout: float = 0.1  # P(label -> null class) for classifier-free guidance (cLDM only)
     augment: bool = False  # random flips / 90-degree turns of the latents themselves: cheap, but only right for an
     # encoder that commutes with them; pcam96's does not (turned latents share 2% of the codes of the turned
@@ -145,6 +149,12 @@ class LDMTrainConfig:
         require(self.ema_warmup or self.init_from is not None, f"{path}.ema_warmup",
                 "false needs init_from (an average that starts at random weights at the full decay stays near them)")
         require(self.min_snr_gamma > 0, f"{path}.min_snr_gamma", "must be positive")
+        top, t_max = self.schedule.num_train_steps, _t_max(self)
+        require(1 <= t_max <= top, f"{path}.t_max", f"must be in 1..{top} (schedule.num_train_steps) or null")
+        require(0 <= self.t_min < t_max, f"{path}.t_min", f"must be in 0..{t_max - 1} (below t_max = {t_max})")
+        require(self.t_min == 0 and t_max == top or self.init_from is not None, f"{path}.t_min",
+                "a timestep range (an expert) needs init_from: the full-range network it specialises, which also "
+                "covers the other timesteps in its sample check")
         require(0 <= self.label_dropout < 1, f"{path}.label_dropout", "must be in [0, 1)")
         require(self.imc_weight >= 0, f"{path}.imc_weight", "must be >= 0")
         require(self.imc_lr > 0, f"{path}.imc_lr", "must be positive")
@@ -162,6 +172,11 @@ class LDMTrainConfig:
         if self.joint_imc:
             require(self.labels is None, f"{path}.labels",
                     "must be null with joint_imc (the labels come from the IMC head)")
+
+
+def _t_max(config: LDMTrainConfig) -> int:
+    """The end (exclusive) of the timesteps a run trains on."""
+    return config.schedule.num_train_steps if config.t_max is None else config.t_max
 
 
 def load_ldm_config(data: Any, path: str = "ldm") -> LDMTrainConfig:
@@ -249,6 +264,15 @@ class _Run:
     meta: dict[str, Any]  # the config as written beside the checkpoints
     decoder: Optional[nn.Module]  # the VQ-GAN decoder for sample grids and the check (rank 0)
     grid_classes: torch.Tensor  # class ids of the sample grids
+    partner: Optional[nn.Module] = None  # an expert's frozen init_from network: it samples the other timesteps
+
+    def sampling_model(self) -> nn.Module:
+        """The EMA model as a sampler sees it: an expert runs its timesteps, its partner the rest."""
+        averaged = self.ema.averaged(self.unet)
+        if self.partner is None:
+            return averaged
+        return range_with_partner(averaged, self.partner, self.config.t_min, _t_max(self.config),
+                                  self.schedule.num_train_steps)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -267,7 +291,7 @@ class _Run:
     def sample_grid(self, step: int) -> None:
         """A grid of the EMA model's samples, classes in turn (rank 0)."""
         if self.info.is_main and self.config.sample_count > 0:
-            write_sample_grid(self.ema.averaged(self.unet), self.schedule, self.latent_shape, self.data.latent_scale,
+            write_sample_grid(self.sampling_model(), self.schedule, self.latent_shape, self.data.latent_scale,
                               self.grid_classes, self.run_dir / SAMPLES_DIR / f"step-{step:08d}.png",
                               steps=self.config.sample_steps, seed=self.config.seed, decoder=self.decoder)
 
@@ -327,6 +351,9 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
         prior_samples = int(init_extra.get("samples_seen", 0))
         if not init_report["copied"]:
             raise InputError(f"{kind}.init_from: {config.init_from} shares no weights with this UNet")
+    partner = None
+    if _t_max(config) - config.t_min < config.schedule.num_train_steps:
+        partner = copy.deepcopy(unet).eval().requires_grad_(False)  # init_from's function, frozen
     schedule = NoiseSchedule(config.schedule)
     objective = DiffusionObjective(unet, schedule, loss=config.loss, min_snr_gamma=config.min_snr_gamma,
                                    autocast=config.autocast, head=head, cluster_to_class=cluster_map,
@@ -382,7 +409,7 @@ def _setup(config: LDMTrainConfig, run_dir: Path, kind: Literal["ldm", "cldm"], 
                 objective=objective, model=model, optimizer=optimizer, ema=ema, modules=modules, loader=loader,
                 sampler=sampler, batch=batch, state=state, resumed_from=resumed_from, count=count,
                 logger=logger, meta=meta, decoder=decoder,
-                grid_classes=_grid_classes(model_config.num_classes, config.sample_count))
+                grid_classes=_grid_classes(model_config.num_classes, config.sample_count), partner=partner)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,7 +433,7 @@ def _train_step(run: _Run, latents: torch.Tensor, class_ids: torch.Tensor
     # restores the RNG and replays them.
     x0 = latents * run.data.latent_scale
     noise = torch.randn(x0.shape).to(device)
-    t = torch.randint(0, run.schedule.num_train_steps, (x0.shape[0],)).to(device)
+    t = torch.randint(config.t_min, _t_max(config), (x0.shape[0],)).to(device)
 
     factor = lr_factor(run.state.step, config)
     for g in run.optimizer.param_groups:
@@ -475,7 +502,7 @@ def _finish(run: _Run, trained: bool, last_loss: float) -> TrainResult:
             run.head.save(run.run_dir / "imc_head.safetensors")
     verdict = None
     if info.is_main and run.decoder is not None and config.check_samples > 0:
-        verdict = _check(shipped, run.schedule, run.decoder, run.latent_shape, run.data.latent_scale,
+        verdict = _check(run.sampling_model(), run.schedule, run.decoder, run.latent_shape, run.data.latent_scale,
                          run.model_config.num_classes, [run.data.keys[i] for i in run.rows], config, run.run_dir,
                          run.logger, state.step)
     dist.barrier()
@@ -497,6 +524,8 @@ def _export_facts(run: _Run) -> dict[str, Any]:
         "label_dropout": config.label_dropout if run.kind == "cldm" else 1.0,
         "joint_imc": config.joint_imc,
     }
+    if run.partner is not None:  # an expert: `histosynth export --unet-expert` reads its range from here
+        extra["t_range"] = [config.t_min, _t_max(config)]
     tile = data.meta.get("tile_size")
     if isinstance(tile, list) and len(tile) == 2 and tile[0] == tile[1]:
         tile = tile[0]  # the cache records (h, w); tiles are square

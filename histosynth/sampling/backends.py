@@ -17,6 +17,7 @@ import torch
 
 from histosynth.bundle.manifest import DECODER_INPUT, DECODER_OUTPUT, UNET_INPUTS, UNET_OUTPUT
 from histosynth.bundle.store import Bundle
+from histosynth.diffusion.experts import switch_denoiser
 from histosynth.errors import InputError, RunError
 from histosynth.imageops import to_uint8
 from histosynth.runtime.devices import resolve_device
@@ -41,7 +42,8 @@ class Backend(Protocol):
     providers: list[str]  # ONNX Runtime execution providers really in use ([] for torch)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        """UNet output for noisy latents `x (N, C, h, w)`, train timesteps `t (N,)`, `class_ids (N,)` int64."""
+        """UNet output for noisy latents `x (N, C, h, w)`, train timesteps `t (N,)`, `class_ids (N,)` int64
+        (the noise-range expert of each row's `t` where the bundle has experts)."""
         ...
 
     def denoise_guide(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
@@ -82,13 +84,17 @@ class TorchBackend:
         self.decoder_dtype = decoder_dtype
         self.providers: list[str] = []
         self.unet = bundle.build_unet(dev, unet_dtype)
+        self.experts = bundle.build_unet_experts(dev, unet_dtype)
+        self._denoise = switch_denoiser(
+            lambda x, t, y: self._run_unet(self.unet, x, t, y),
+            [(t_min, _bind(self._run_unet, expert)) for t_min, expert in self.experts])
         self.guide = bundle.build_guide_unet(dev, unet_dtype) if bundle.has_guide else None
         self._bundle_path = bundle.path
         self.decoder = bundle.build_decoder(dev, decoder_dtype)
 
     @torch.inference_mode()
     def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        return self._run_unet(self.unet, x, t, class_ids)
+        return self._denoise(x, t, class_ids)
 
     @torch.inference_mode()
     def denoise_guide(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
@@ -137,6 +143,11 @@ class OnnxBackend:
         if dev.type == "cuda":
             providers = [(_CUDA_EP, {"device_id": dev.index or 0}), _CPU_EP]
         self.unet_session = _session(ort, bundle.unet_onnx, providers)
+        self.expert_sessions = [(t_min, _session(ort, bundle.expert_onnx(t_min), providers))
+                                for t_min in bundle.unet_experts]
+        self._denoise = switch_denoiser(
+            lambda x, t, y: self._run_unet(self.unet_session, x, t, y),
+            [(t_min, _bind(self._run_unet, session)) for t_min, session in self.expert_sessions])
         self.guide_session = _session(ort, bundle.guide_unet_onnx, providers) if bundle.has_guide else None
         self._bundle_path = bundle.path
         self.decoder_session = _session(ort, bundle.decoder_onnx, providers)
@@ -152,7 +163,7 @@ class OnnxBackend:
         self._t_dtype = torch.int64 if t_input.type == "tensor(int64)" else torch.float32
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        return self._run_unet(self.unet_session, x, t, class_ids)
+        return self._denoise(x, t, class_ids)
 
     def denoise_guide(self, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         if self.guide_session is None:
@@ -160,7 +171,7 @@ class OnnxBackend:
         return self._run_unet(self.guide_session, x, t, class_ids)
 
     def _run_unet(self, session: Any, x: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        # Both UNet graphs come from the same exporter, so they share the time input's dtype.
+        # Every UNet graph (experts, guide) comes from the same exporter, so they share the time input's dtype.
         inputs = {
             UNET_INPUTS[0]: x.to(self._tensor_device, torch.float32).contiguous(),
             UNET_INPUTS[1]: t.to(self._tensor_device, self._t_dtype).contiguous(),
@@ -196,6 +207,11 @@ class OnnxBackend:
 
 
 _NP_TYPES = {torch.float32: np.float32, torch.int64: np.int64}
+
+
+def _bind(run_unet: Any, network: Any) -> Any:
+    """`denoise(x, t, y)` of one network (a function per expert: a lambda in a loop would share the last one)."""
+    return lambda x, t, y: run_unet(network, x, t, y)
 
 
 def _no_guide(bundle_path: Any) -> InputError:
