@@ -31,3 +31,24 @@ def test_crowded_log_axis_gets_1_2_5_ticks() -> None:
 def test_line_plot_writes_an_image(tmp_path: Path) -> None:
     out = line_plot({"a": ([22.4, 62.4, 86.4, 816], [105, 91, 73, 67], None)}, tmp_path / "p.png", title="t")
     assert Image.open(out).size == (640, 420)
+
+
+def test_a_ninth_series_is_told_apart_from_the_first_by_its_marker_and_dashes(tmp_path: Path) -> None:
+    """The palette has 8 colours: the FID curve has more series, and a repeated colour must not read as one."""
+    from histosynth.evaluate.plots import PALETTE, series_style
+
+    styles = [series_style(i) for i in range(2 * len(PALETTE) + 1)]
+    assert len(set(styles)) == len(styles)  # no two series look alike
+    assert styles[8][0] == styles[0][0] and styles[8][1] != styles[0][1]
+    # a flat line at one y: the solid one is unbroken, the dashed one (series 9, same colour) has gaps
+    flat = {f"s{i}": ([1, 2], [float(i), float(i)], None) for i in range(9)}
+    img = Image.open(line_plot(flat, tmp_path / "p.png")).convert("RGB")
+    colour = PALETTE[0]
+
+    def run_of(y: int) -> list[bool]:
+        return [img.getpixel((x, y)) == colour for x in range(120, 400)]
+
+    rows = [y for y in range(img.height) if sum(run_of(y)) > 100]  # the rows the two lines of colour 0 cover
+    assert rows
+    coverage = sorted({sum(run_of(y)) for y in rows})
+    assert coverage[-1] >= 270 and coverage[0] < 220  # one line unbroken, the other dashed

@@ -16,6 +16,8 @@ from histosynth.io import atomic_path
 # Colour-blind-safe palette (Okabe & Ito).
 PALETTE = ((0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0), (240, 228, 66), (0, 0, 0))
 
+MARKERS = ("circle", "square", "diamond")  # one per pass through the palette: series 9-16 get squares, ...
+
 Series = Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]]
 
 
@@ -103,10 +105,13 @@ def line_plot(
         draw.line([xx, top + ph, xx, top + ph + 4], fill="black")
         draw.text((xx, top + ph + 6), _fmt(x), fill="black", font=font, anchor="mt")
     for i, (name, (xs, ys, errors)) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
+        colour, marker = series_style(i)
         points = [px(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
         if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
+            if marker == MARKERS[0]:
+                draw.line(points, fill=colour, width=2)
+            else:  # a later pass through the palette: dashed, so a colour's two series stay apart
+                _dashed(draw, points, colour, width=2)
         for j, (x, y) in enumerate(zip(xs, ys)):
             if not math.isfinite(y):
                 continue
@@ -117,14 +122,51 @@ def line_plot(
                 draw.line([cx, y0, cx, y1], fill=colour, width=1)
                 draw.line([cx - 3, y0, cx + 3, y0], fill=colour)
                 draw.line([cx - 3, y1, cx + 3, y1], fill=colour)
-            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+            _marker(draw, marker, cx, cy, colour)
         ly = top + 8 + 16 * i
-        draw.line([width - right + 10, ly, width - right + 30, ly], fill=colour, width=3)
+        if marker == MARKERS[0]:
+            draw.line([width - right + 10, ly, width - right + 30, ly], fill=colour, width=3)
+        else:
+            _dashed(draw, [(width - right + 10, ly), (width - right + 30, ly)], colour, width=3)
+        _marker(draw, marker, width - right + 20, ly, colour)
         draw.text((width - right + 36, ly), name, fill="black", font=font, anchor="lm")
     draw.text((left + pw / 2, 12), title, fill="black", font=font, anchor="mm")
     draw.text((left + pw / 2, height - 14), xlabel + (" (log scale)" if log_x else ""), fill="black", font=font, anchor="mm")
     draw.text((8, top - 20), ylabel, fill="black", font=font, anchor="lm")
     return _save(img, path)
+
+
+def series_style(index: int) -> tuple[tuple[int, int, int], str]:
+    """Colour and marker of the `index`-th series: the palette in turn, then again with the next marker."""
+    return PALETTE[index % len(PALETTE)], MARKERS[(index // len(PALETTE)) % len(MARKERS)]
+
+
+def _marker(draw: ImageDraw.ImageDraw, marker: str, cx: float, cy: float, colour: tuple[int, int, int]) -> None:
+    r = 3
+    if marker == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif marker == "diamond":
+        draw.polygon([(cx, cy - r - 1), (cx + r + 1, cy), (cx, cy + r + 1), (cx - r - 1, cy)], fill=colour)
+    else:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+
+
+def _dashed(draw: ImageDraw.ImageDraw, points: Sequence[tuple[float, float]], colour: tuple[int, int, int], *,
+            width: int, dash: float = 6.0, gap: float = 4.0) -> None:
+    """A polyline drawn in dashes that continue across its vertices."""
+    phase = 0.0  # distance into the current dash + gap period
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        pos = 0.0
+        while pos < length:
+            in_dash = phase < dash
+            step = min((dash - phase) if in_dash else (dash + gap - phase), length - pos)
+            if in_dash:
+                a, b = pos / length, (pos + step) / length
+                draw.line([x0 + a * (x1 - x0), y0 + a * (y1 - y0), x0 + b * (x1 - x0), y0 + b * (y1 - y0)],
+                          fill=colour, width=width)
+            pos += step
+            phase = (phase + step) % (dash + gap)
 
 
 def confusion_plot(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path, *,
