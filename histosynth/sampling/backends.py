@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -85,9 +86,8 @@ class TorchBackend:
         self.providers: list[str] = []
         self.unet = bundle.build_unet(dev, unet_dtype)
         self.experts = bundle.build_unet_experts(dev, unet_dtype)
-        self._denoise = switch_denoiser(
-            lambda x, t, y: self._run_unet(self.unet, x, t, y),
-            [(t_min, _bind(self._run_unet, expert)) for t_min, expert in self.experts])
+        self._denoise = switch_denoiser(partial(self._run_unet, self.unet),
+                                        [(t_min, partial(self._run_unet, e)) for t_min, e in self.experts])
         self.guide = bundle.build_guide_unet(dev, unet_dtype) if bundle.has_guide else None
         self._bundle_path = bundle.path
         self.decoder = bundle.build_decoder(dev, decoder_dtype)
@@ -145,9 +145,8 @@ class OnnxBackend:
         self.unet_session = _session(ort, bundle.unet_onnx, providers)
         self.expert_sessions = [(t_min, _session(ort, bundle.expert_onnx(t_min), providers))
                                 for t_min in bundle.unet_experts]
-        self._denoise = switch_denoiser(
-            lambda x, t, y: self._run_unet(self.unet_session, x, t, y),
-            [(t_min, _bind(self._run_unet, session)) for t_min, session in self.expert_sessions])
+        self._denoise = switch_denoiser(partial(self._run_unet, self.unet_session),
+                                        [(t_min, partial(self._run_unet, s)) for t_min, s in self.expert_sessions])
         self.guide_session = _session(ort, bundle.guide_unet_onnx, providers) if bundle.has_guide else None
         self._bundle_path = bundle.path
         self.decoder_session = _session(ort, bundle.decoder_onnx, providers)
@@ -207,11 +206,6 @@ class OnnxBackend:
 
 
 _NP_TYPES = {torch.float32: np.float32, torch.int64: np.int64}
-
-
-def _bind(run_unet: Any, network: Any) -> Any:
-    """`denoise(x, t, y)` of one network (a function per expert: a lambda in a loop would share the last one)."""
-    return lambda x, t, y: run_unet(network, x, t, y)
 
 
 def _no_guide(bundle_path: Any) -> InputError:
