@@ -470,3 +470,25 @@ mkdir -p $R/r12tree && git archive 8733ffb weights/pcam96 | tar -x -C $R/r12tree
 for i in 1 2; do for b in $R/r12tree/weights/pcam96 weights/pcam96; do
   python benchmarks/generate_speed.py --bundle $b --backends onnx --samplers dpmpp2m:20 --batch 25 --repeats 3
 done; done  # -> weights/pcam96/eval/round14/generate_speed_r12_vs_r14.json
+# ---- Round 16 (2026-12-03, sixteenth session; issue 8): noise-range experts (eDiff-I). Two copies of round 14's
+# UNet, each trained on half of the timesteps (t >= 500 and t < 500) for 80 minutes on one core; the bundle runs
+# the clean-half expert as unet.* and the noisy-half one as unet_t500.* (one UNet call per sampler step, as before).
+# The runs began before train.py recorded `t_range` in its exports, so their ranges (those of their configs) were
+# written into the two exports before `export --unet-expert` (which requires them); a run started now records them.
+for p in hi lo; do
+  OMP_NUM_THREADS=1 histosynth train cldm --config configs/pcam96/cldm-v2-r16-$p.yaml --run-dir $R/cldm-v2-r16-$p &
+done; wait
+for b in "bundle-r16 $R/cldm-v2-r16-lo/unet.safetensors" "bundle-r16-hi weights/pcam96/next/unet-r14b.safetensors"; do
+  set -- $b
+  histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet $2 \
+    --unet-expert $R/cldm-v2-r16-hi/unet.safetensors --guide-unet weights/pcam96/guide_unet.safetensors \
+    --latent-scale 0.6286898256435279 --labels weights/pcam96/training/label_map.yaml --out $R/$1 --mpp 0.972 \
+    --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" --overwrite
+done
+# Both candidates against round 14's UNet on training tiles at autoguidance 2 (the same seeds: 41.04):
+for n in r16 r16hi; do
+  b=$R/bundle-${n/r16hi/r16-hi}
+  OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --bundle $b --real ../shared/data/pcam/train \
+    --max-real 2000 --n 1000 --settings dpmpp2m:20:a2 --batch-size 50 --backend torch \
+    --json weights/pcam96/eval/round16/sq_${n}_a2.json &
+done; wait
