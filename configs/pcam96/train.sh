@@ -492,3 +492,4 @@ for n in r16 r16hi; do
     --max-real 2000 --n 1000 --settings dpmpp2m:20:a2 --batch-size 50 --backend torch \
     --json weights/pcam96/eval/round16/sq_${n}_a2.json &
 done; wait
+# Round 16: both experts 41.49, the noisy-half expert alone 41.59, against round 14's 41.04: not shipped, weights not kept.
