@@ -216,7 +216,7 @@ def export_bundle(
     guide_unet: Optional[UNet] = None,
     guide_facts: Optional[Mapping[str, int]] = None,
     unet_experts: Sequence[tuple[int, UNet]] = (),
-    expert_facts: Optional[Mapping[int, Mapping[str, int]]] = None,
+    expert_facts: Optional[Mapping[int, Mapping[str, Any]]] = None,
 ) -> ExportReport:
     """Write a complete, verified bundle to `out_dir` and return an `ExportReport`.
 
@@ -481,7 +481,7 @@ def export_from_checkpoints(
         load_state_dict(guide, guide_state, guide_unet_ckpt)
         guide_facts = {k: int(guide_extra[k]) for k in ("step", "samples_seen") if isinstance(guide_extra.get(k), int)}
 
-    experts, expert_facts = _read_experts(unet_expert_ckpts, unet_ckpt, unet_extra, unet, label_names)
+    experts, expert_facts = _read_experts(unet_expert_ckpts, unet_ckpt, unet_extra, label_names)
 
     tile = _pick("tile_size", tile_size, unet_extra, vq_extra)
     if tile is None:
@@ -502,8 +502,7 @@ def export_from_checkpoints(
         steps=steps,
         extra={**labels.extra, "checkpoints": checkpoints, **({"samples_seen": seen} if seen else {}),
                **({"guide_unet": guide_facts} if guide is not None else {}),
-               **({"unet_experts": [{"t_min": t_min, "checkpoint": Path(path).name, **expert_facts[t_min]}
-                                    for (t_min, _), path in zip(experts, _by_start(unet_expert_ckpts))]}
+               **({"unet_experts": [{"t_min": t_min, **expert_facts[t_min]} for t_min, _ in experts]}
                   if experts else {})},
     )
     return export_bundle(
@@ -526,34 +525,27 @@ def export_from_checkpoints(
     )
 
 
-def _t_range(path: str | Path) -> Optional[list[int]]:
-    extra = load_checkpoint(path)[2]
-    value = extra.get("t_range")
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == 2 else None
-
-
-def _by_start(paths: Sequence[str | Path]) -> list[str | Path]:
-    """Expert checkpoints in the order of their ranges."""
-    return sorted(paths, key=lambda p: (_t_range(p) or [0])[0])
-
-
-def _read_experts(paths: Sequence[str | Path], unet_ckpt: str | Path, unet_extra: Mapping[str, Any], unet: UNet,
-                  label_names: list[str]) -> tuple[list[tuple[int, UNet]], dict[int, dict[str, int]]]:
-    """The expert UNets by t_min, with their facts; `InputError` unless their ranges follow each other up to T."""
+def _read_experts(paths: Sequence[str | Path], unet_ckpt: str | Path, unet_extra: Mapping[str, Any],
+                  label_names: list[str]) -> tuple[list[tuple[int, UNet]], dict[int, dict[str, Any]]]:
+    """The expert UNets by t_min, with their facts (checkpoint name, step, samples seen); `InputError` unless
+    their ranges follow each other up to T. Each checkpoint is read once."""
     if not paths:
         return [], {}
     top = int((unet_extra.get("schedule") or {}).get("num_train_steps", 1000))
-    experts: list[tuple[int, UNet]] = []
-    facts: dict[int, dict[str, int]] = {}
-    end = None
-    for path in _by_start(paths):
+    loaded = []
+    for path in paths:
         state, config, extra = load_checkpoint(path)
-        t_range = _t_range(path)
-        if t_range is None or t_range[0] <= 0:
+        value = extra.get("t_range")
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and int(value[0]) > 0):
             raise InputError(f"--unet-expert {path}: records no noisier timestep range (t_range); an expert is a "
                              "`train cldm` run with t_min > 0 (docs/training.md)")
-        if end is not None and t_range[0] != end:
-            raise InputError(f"--unet-expert {path}: starts at t = {t_range[0]}, the previous range ends at {end}; "
+        loaded.append(((int(value[0]), int(value[1])), path, state, config, extra))
+    experts: list[tuple[int, UNet]] = []
+    facts: dict[int, dict[str, Any]] = {}
+    end = None
+    for (t_min, t_max), path, state, config, extra in sorted(loaded, key=lambda item: item[0]):
+        if end is not None and t_min != end:
+            raise InputError(f"--unet-expert {path}: starts at t = {t_min}, the previous range ends at {end}; "
                              "the experts' ranges must follow each other")
         names = extra.get("class_names")
         if names and list(names) != label_names:
@@ -563,9 +555,10 @@ def _read_experts(paths: Sequence[str | Path], unet_ckpt: str | Path, unet_extra
                              f"{unet_extra.get('schedule')}; experts share one noise schedule")
         expert = UNet(from_dict(UNetConfig, config, f"{path}: config"))
         load_state_dict(expert, state, path)
-        experts.append((t_range[0], expert))
-        facts[t_range[0]] = {k: int(extra[k]) for k in ("step", "samples_seen") if isinstance(extra.get(k), int)}
-        end = t_range[1]
+        experts.append((t_min, expert))
+        facts[t_min] = {"checkpoint": Path(path).name,
+                        **{k: int(extra[k]) for k in ("step", "samples_seen") if isinstance(extra.get(k), int)}}
+        end = t_max
     if end != top:
         raise InputError(f"--unet-expert: the last range ends at t = {end}, not at T = {top}; the experts must cover "
                          "every timestep from the first one's t_min on")

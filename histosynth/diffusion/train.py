@@ -266,9 +266,10 @@ class _Run:
     grid_classes: torch.Tensor  # class ids of the sample grids
     partner: Optional[nn.Module] = None  # an expert's frozen init_from network: it samples the other timesteps
 
-    def sampling_model(self) -> nn.Module:
-        """The EMA model as a sampler sees it: an expert runs its timesteps, its partner the rest."""
-        averaged = self.ema.averaged(self.unet)
+    def sampling_model(self, averaged: Optional[nn.Module] = None) -> nn.Module:
+        """The EMA model (`averaged` where already built) as a sampler sees it: an expert runs its timesteps, its
+        partner the rest."""
+        averaged = self.ema.averaged(self.unet) if averaged is None else averaged
         if self.partner is None:
             return averaged
         return range_with_partner(averaged, self.partner, self.config.t_min, _t_max(self.config),
@@ -502,7 +503,7 @@ def _finish(run: _Run, trained: bool, last_loss: float) -> TrainResult:
             run.head.save(run.run_dir / "imc_head.safetensors")
     verdict = None
     if info.is_main and run.decoder is not None and config.check_samples > 0:
-        verdict = _check(run.sampling_model(), run.schedule, run.decoder, run.latent_shape, run.data.latent_scale,
+        verdict = _check(run.sampling_model(shipped), run.schedule, run.decoder, run.latent_shape, run.data.latent_scale,
                          run.model_config.num_classes, [run.data.keys[i] for i in run.rows], config, run.run_dir,
                          run.logger, state.step)
     dist.barrier()
