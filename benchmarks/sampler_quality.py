@@ -1,8 +1,8 @@
 """Sample quality and time against sampler and step count, on one model with the same seeds and class counts.
 
 For each setting (`sampler:steps`, then optionally `:G` for classifier-free guidance at scale G, `:G@LOW-HIGH` for it
-at noise levels in (LOW, HIGH] only, and `:aW` for autoguidance at scale W by the bundle's guide network, e.g.
-`dpmpp2m:20:2@0.5-10:a2`) a recipe is written
+at noise levels in (LOW, HIGH] only, and `:aW` or `:aW@LOW-HIGH` for autoguidance at scale W by the bundle's guide
+network, e.g. `dpmpp2m:20:2@0.5-10:a2`) a recipe is written
 and run through `histosynth.sampling.runner.generate`; the generated folder is then scored against real tiles
 (FID, KID, precision/recall, density/coverage) with the real features computed once. The first setting is the baseline (the paper's 1000-step DDPM): each row gets
 `fid_ratio` (its FID / the baseline's) and `speedup` (the baseline's seconds / its seconds). Prints one JSON
@@ -58,14 +58,15 @@ def machine() -> dict[str, Any]:
 
 
 class Setting(NamedTuple):
-    """One row of the comparison: a sampler, its step count, its classifier-free guidance (with an optional noise
-    level interval) and its autoguidance scale."""
+    """One row of the comparison: a sampler, its step count, its classifier-free guidance and its autoguidance,
+    each with an optional noise level interval."""
 
     sampler: str
     steps: int
     guidance: float = 1.0
     autoguidance: float = 1.0
     guidance_interval: Optional[tuple[float, float]] = None
+    autoguidance_interval: Optional[tuple[float, float]] = None
 
     @property
     def spec(self) -> str:
@@ -75,8 +76,10 @@ class Setting(NamedTuple):
             text += f":{self.guidance:g}"
             if self.guidance_interval is not None:
                 text += "@" + interval_text(self.guidance_interval)
-        if self.autoguidance != 1.0:
+        if self.autoguidance != 1.0 or self.autoguidance_interval is not None:
             text += f":a{self.autoguidance:g}"
+            if self.autoguidance_interval is not None:
+                text += "@" + interval_text(self.autoguidance_interval)
         return text
 
     @property
@@ -85,48 +88,56 @@ class Setting(NamedTuple):
         return self.spec.replace(":", "-").replace("@", "-at-")
 
 
+def _scale_and_interval(part: str) -> tuple[float, Optional[tuple[float, float]]]:
+    """`"2"` -> (2.0, None); `"2@0.5-10"` -> (2.0, (0.5, 10.0)); `ValueError` otherwise."""
+    scale, at, rest = part.partition("@")
+    if not at:
+        return float(scale), None
+    low, sep, high = rest.partition("-")
+    if not sep:
+        raise ValueError(part)
+    return float(scale), (float(low), float(high))
+
+
 def _parse_setting(spec: str) -> Setting:
-    """One `sampler:steps[:G[@LOW-HIGH]][:aW]` entry; `ValueError` when it is not one."""
+    """One `sampler:steps[:G[@LOW-HIGH]][:aW[@LOW-HIGH]]` entry; `ValueError` when it is not one."""
     parts = spec.split(":")
     if len(parts) < 2 or parts[0] not in SAMPLERS:
         raise ValueError(spec)
-    guidance, auto, interval = None, None, None
+    guidance, auto = None, None
     for part in parts[2:]:
         if part.startswith("a") and auto is None:
-            auto = float(part[1:])
+            auto = _scale_and_interval(part[1:])
         elif guidance is None and auto is None:  # guidance comes before autoguidance, once
-            scale, _, rest = part.partition("@")
-            guidance = float(scale)
-            if rest:
-                low, sep, high = rest.partition("-")
-                if not sep:
-                    raise ValueError(spec)
-                interval = (float(low), float(high))
+            guidance = _scale_and_interval(part)
         else:
             raise ValueError(spec)
-    return Setting(parts[0], int(parts[1]), 1.0 if guidance is None else guidance, 1.0 if auto is None else auto,
-                   interval)
+    g, g_interval = (1.0, None) if guidance is None else guidance
+    a, a_interval = (1.0, None) if auto is None else auto
+    return Setting(parts[0], int(parts[1]), g, a, g_interval, a_interval)
 
 
 def parse_settings(text: str) -> list[Setting]:
-    """`"ddpm:1000,dpmpp2m:20:1.5,dpmpp2m:20:a2,dpmpp2m:20:2@0.5-10:a2"` -> settings: guidance 1.5; autoguidance
-    2; guidance 2 at noise levels in (0.5, 10] with autoguidance 2.
+    """`"ddpm:1000,dpmpp2m:20:1.5,dpmpp2m:20:a2,dpmpp2m:20:2@0.5-10:a2,dpmpp2m:20:a3@0.5-10"` -> settings:
+    guidance 1.5; autoguidance 2; guidance 2 at noise levels in (0.5, 10] with autoguidance 2; autoguidance 3 at
+    noise levels in (0.5, 10] only.
 
     Each entry is `sampler:steps`, then optionally `:G` or `:G@LOW-HIGH` (classifier-free guidance, at those noise
-    levels only), then optionally `:aW` (autoguidance W; 1, the default, is none); steps, scales and intervals
-    follow a recipe's rules. Bad entries are an `InputError`.
+    levels only), then optionally `:aW` or `:aW@LOW-HIGH` (autoguidance W; 1, the default, is none); steps, scales
+    and intervals follow a recipe's rules. Bad entries are an `InputError`.
     """
     settings = []
     for spec in (s.strip() for s in text.split(",")):
         try:
             setting = _parse_setting(spec)
         except ValueError:
-            raise InputError(f"--settings: {spec!r} is not sampler:steps[:G[@LOW-HIGH]][:aW]; allowed samplers: "
-                             f"{', '.join(SAMPLERS)} (e.g. dpmpp2m:20, dpmpp2m:20:1.5, dpmpp2m:20:a2 or "
-                             "dpmpp2m:20:2@0.5-10:a2)") from None
+            raise InputError(f"--settings: {spec!r} is not sampler:steps[:G[@LOW-HIGH]][:aW[@LOW-HIGH]]; allowed "
+                             f"samplers: {', '.join(SAMPLERS)} (e.g. dpmpp2m:20, dpmpp2m:20:1.5, dpmpp2m:20:a2, "
+                             "dpmpp2m:20:2@0.5-10:a2 or dpmpp2m:20:a3@0.5-10)") from None
         # A recipe's own range checks, so that a bad setting fails here and not after the settings before it ran.
         SamplerSpec(setting.sampler, setting.steps, guidance=setting.guidance, autoguidance=setting.autoguidance,
-                    guidance_interval=setting.guidance_interval).validate(f"--settings {spec!r}")
+                    guidance_interval=setting.guidance_interval,
+                    autoguidance_interval=setting.autoguidance_interval).validate(f"--settings {spec!r}")
         settings.append(setting)
     if len(set(settings)) != len(settings):
         raise InputError(f"--settings: {text!r} lists a setting twice")
@@ -171,6 +182,8 @@ def write_recipe(path: Path, bundle_path: Path, n: int, weights: Optional[dict[s
                          "autoguidance": setting.autoguidance}
     if setting.guidance_interval is not None:
         recipe["sampler"]["guidance_interval"] = list(setting.guidance_interval)
+    if setting.autoguidance_interval is not None:
+        recipe["sampler"]["autoguidance_interval"] = list(setting.autoguidance_interval)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
 
@@ -260,6 +273,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict
             "sampler": setting.sampler, "steps": setting.steps, "guidance": setting.guidance,
             "autoguidance": setting.autoguidance,
             "guidance_interval": None if setting.guidance_interval is None else list(setting.guidance_interval),
+            "autoguidance_interval": (None if setting.autoguidance_interval is None
+                                      else list(setting.autoguidance_interval)),
             "n": result.made,
             "seconds": result.seconds, "total_seconds": total,
             "tiles_per_s": result.made / result.seconds, "seconds_per_image": result.seconds / result.made,

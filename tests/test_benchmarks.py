@@ -68,24 +68,30 @@ def test_generate_speed_tiny(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_parse_settings(quality: ModuleType) -> None:
     assert quality.parse_settings("ddpm:1000, ddim:50,dpmpp2m:20") == [
-        ("ddpm", 1000, 1.0, 1.0, None), ("ddim", 50, 1.0, 1.0, None), ("dpmpp2m", 20, 1.0, 1.0, None)]
+        ("ddpm", 1000, 1.0, 1.0, None, None), ("ddim", 50, 1.0, 1.0, None, None),
+        ("dpmpp2m", 20, 1.0, 1.0, None, None)]
     guided = quality.parse_settings("dpmpp2m:20,dpmpp2m:20:1.5")  # the same sampler at two guidance scales
-    assert guided == [("dpmpp2m", 20, 1.0, 1.0, None), ("dpmpp2m", 20, 1.5, 1.0, None)]
+    assert guided == [("dpmpp2m", 20, 1.0, 1.0, None, None), ("dpmpp2m", 20, 1.5, 1.0, None, None)]
     assert [s.tag for s in guided] == ["dpmpp2m-20", "dpmpp2m-20-1.5"] and guided[1].spec == "dpmpp2m:20:1.5"
     assert quality.parse_settings("ddim:5:1")[0].spec == "ddim:5"
     assert quality.parse_settings("ddim:5:0")[0].guidance == 0.0  # the unconditional model, as a recipe allows
     auto = quality.parse_settings("dpmpp2m:20:a2,dpmpp2m:20:a1.5")  # autoguidance by the bundle's guide network
-    assert auto == [("dpmpp2m", 20, 1.0, 2.0, None), ("dpmpp2m", 20, 1.0, 1.5, None)]
+    assert auto == [("dpmpp2m", 20, 1.0, 2.0, None, None), ("dpmpp2m", 20, 1.0, 1.5, None, None)]
     assert [s.spec for s in auto] == ["dpmpp2m:20:a2", "dpmpp2m:20:a1.5"] and auto[0].tag == "dpmpp2m-20-a2"
     both = quality.parse_settings("dpmpp2m:20:2:a2,dpmpp2m:20:2@0.5-10:a2,ddim:5:1.5@0-3")  # added, and limited
-    assert both == [("dpmpp2m", 20, 2.0, 2.0, None), ("dpmpp2m", 20, 2.0, 2.0, (0.5, 10.0)),
-                    ("ddim", 5, 1.5, 1.0, (0.0, 3.0))]
+    assert both == [("dpmpp2m", 20, 2.0, 2.0, None, None), ("dpmpp2m", 20, 2.0, 2.0, (0.5, 10.0), None),
+                    ("ddim", 5, 1.5, 1.0, (0.0, 3.0), None)]
     assert [s.spec for s in both] == ["dpmpp2m:20:2:a2", "dpmpp2m:20:2@0.5-10:a2", "ddim:5:1.5@0-3"]
     assert both[1].tag == "dpmpp2m-20-2-at-0.5-10-a2"
+    limited = quality.parse_settings("dpmpp2m:20:a3@0.5-10,dpmpp2m:20:2@1-5:a2@0-10")  # autoguidance in an interval
+    assert limited == [("dpmpp2m", 20, 1.0, 3.0, None, (0.5, 10.0)), ("dpmpp2m", 20, 2.0, 2.0, (1.0, 5.0), (0.0, 10.0))]
+    assert [s.spec for s in limited] == ["dpmpp2m:20:a3@0.5-10", "dpmpp2m:20:2@1-5:a2@0-10"]
+    assert limited[0].tag == "dpmpp2m-20-a3-at-0.5-10"
     for bad in ("euler:20", "ddim", "ddim:0", "ddim:x", "ddim:2,ddim:2", "ddim:2:-1", "ddim:2:31", "ddim:2:x",
                 "ddim:2:nan", "ddim:2:", "ddim:2:1.5:3", "ddim:2,ddim:2:1", "ddim:100000", "ddim:2:a0.5", "ddim:2:a",
                 "ddim:2:a31", "ddim:2:ax", "ddim:2:a1.5,ddim:2:a1.5", "ddim:2:a2:1.5", "ddim:2:a2:a3",
-                "ddim:2:2@10-0.5", "ddim:2:2@0.5", "ddim:2:2@x-1", "ddim:2:2@-1-3"):
+                "ddim:2:2@10-0.5", "ddim:2:2@0.5", "ddim:2:2@x-1", "ddim:2:2@-1-3",
+                "ddim:2:a2@3-1", "ddim:2:a2@1", "ddim:2:a2@", "ddim:2:a@0-1"):
         with pytest.raises(InputError, match="--settings"):
             quality.parse_settings(bad)
 
@@ -118,14 +124,15 @@ def test_goal_verdict(quality: ModuleType) -> None:
 def test_sampler_quality_time_only(quality: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Without FID: the timing rows, the kept folders with the same class counts, the --json records."""
     records_path = tmp_path / "sweep.json"
-    rc = quality.main(["--tiny", "--no-fid", "--n", "5", "--settings", "ddim:3,dpmpp2m:2,dpmpp2m:2:2,dpmpp2m:2:a2,dpmpp2m:2:2@0-10:a2",
+    rc = quality.main(["--tiny", "--no-fid", "--n", "5", "--settings", "ddim:3,dpmpp2m:2,dpmpp2m:2:2,dpmpp2m:2:a2,dpmpp2m:2:2@0-10:a2,"
+                       "dpmpp2m:2:a2@0-10",
                        "--backend", "onnx", "--device", "cpu", "--batch-size", "4", "--out", str(tmp_path / "gen"),
                        "--json", str(records_path)])
     assert rc == 0
     out = _stdout_json(capsys)
     assert out["n"] == 5 and out["baseline"] == "ddim:3" and out["goal"]["met"] is None
     assert out["class_counts_from"] == "balanced" and sum(out["class_counts"].values()) == 5
-    first, second, guided, auto, both = out["results"]
+    first, second, guided, auto, both, auto_limited = out["results"]
     assert (first["sampler"], first["steps"], second["sampler"], second["steps"]) == ("ddim", 3, "dpmpp2m", 2)
     assert (first["guidance"], second["guidance"], guided["guidance"], auto["guidance"]) == (1.0, 1.0, 2.0, 1.0)
     assert (second["autoguidance"], guided["autoguidance"], auto["autoguidance"]) == (1.0, 1.0, 2.0)
@@ -137,6 +144,10 @@ def test_sampler_quality_time_only(quality: ModuleType, tmp_path: Path, capsys: 
     assert recipe["sampler"] == {"name": "dpmpp2m", "steps": 2, "guidance": 2.0, "autoguidance": 2.0,
                                  "guidance_interval": [0.0, 10.0]}
     assert (both["guidance"], both["autoguidance"], both["guidance_interval"]) == (2.0, 2.0, [0.0, 10.0])
+    assert (auto_limited["autoguidance"], auto_limited["autoguidance_interval"]) == (2.0, [0.0, 10.0])
+    recipe = yaml.safe_load((tmp_path / "gen" / "dpmpp2m-2-a2-at-0-10.recipe.yaml").read_text())
+    assert recipe["sampler"] == {"name": "dpmpp2m", "steps": 2, "guidance": 1.0, "autoguidance": 2.0,
+                                 "autoguidance_interval": [0.0, 10.0]}
     # Either guidance changes the tiles (same noise per image): no guided folder is a copy of the unguided one.
     unguided = sorted(Path(second["folder"]).rglob("*.png"))
     for other in (guided, auto):

@@ -259,6 +259,24 @@ def test_autoguidance_with_a_guided_bundle_and_a_clear_refusal_without_one(tmp_p
         rows = list(csv.DictReader(f))
     assert {(r["guidance"], r["autoguidance"], r["guidance_interval"]) for r in rows} == {("3.0", "2.0", "100-200")}
 
+    # Autoguidance at some noise levels only: in (100, 200] it acts at the first step alone and the images differ
+    # from both unguided and everywhere-autoguided ones; in (0, 0.5] at none, and they are the plain model's.
+    for name, sampler in (("auto-first", {"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0,
+                                          "autoguidance_interval": [100, 200]}),
+                          ("auto-none", {"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0,
+                                         "autoguidance_interval": [0, 0.5]})):
+        result = invoke("generate", "--recipe", str(write_recipe(tmp_path, guided_bundle, sampler=sampler)),
+                        "--out", str(tmp_path / name), "--backend", "torch")
+        assert result.exit_code == 0, result.output
+        out[name] = {k: np.asarray(Image.open(tmp_path / name / k), dtype=np.int16) for k in out["plain"]}
+    for a, b in (("plain", "auto-first"), ("torch", "auto-first")):
+        assert any(np.abs(out[a][k] - out[b][k]).max() > 8 for k in out["plain"]), (a, b)
+    assert all(np.array_equal(out["auto-none"][k], out["plain"][k]) for k in out["plain"])
+    with open(tmp_path / "auto-first" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["autoguidance"], r["autoguidance_interval"], r["guidance_interval"]) for r in rows} == {
+        ("2.0", "100-200", "")}
+
     # The same recipe against a bundle without a guide: refused before anything is written.
     refused = write_recipe(tmp_path, bundle, sampler={"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0})
     result = invoke("generate", "--recipe", str(refused), "--out", str(tmp_path / "refused"))

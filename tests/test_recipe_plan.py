@@ -72,6 +72,10 @@ def test_top_up_fills_minorities(tmp_path: Path):
         ({"balanced": {"per_class": 2}, "sampler": {"guidance_interval": [0.5]}}, "recipe.sampler.guidance_interval"),
         ({"balanced": {"per_class": 2}, "overrides": {"tumour": {"guidance_interval": [-1, 2]}}},
          "recipe.overrides.tumour.guidance_interval: [-1.0, 2.0] is not [low, high]"),
+        ({"balanced": {"per_class": 2}, "sampler": {"autoguidance": 2.0, "autoguidance_interval": [3, 3]}},
+         "recipe.sampler.autoguidance_interval: [3.0, 3.0] is not [low, high] with 0 <= low < high"),
+        ({"balanced": {"per_class": 2}, "overrides": {"tumour": {"autoguidance_interval": [0.5, "inf"]}}},
+         "recipe.overrides.tumour.autoguidance_interval"),
     ],
 )
 def test_bad_recipes_name_the_key_and_allowed_values(data, message):
@@ -222,8 +226,14 @@ def test_fingerprint_of_plans_without_autoguidance_or_interval_is_unchanged_by_t
                    CLASSES, "h")
     everywhere = Plan(recipe(balanced={"total": 8}, sampler={"guidance": 2.0}), CLASSES, "h")
     assert all(set(c["sampler"]) == {"name", "steps", "eta", "guidance"} for c in plain.describe()["classes"])
+    auto_limited = Plan(recipe(balanced={"total": 8}, sampler={"autoguidance": 2.0, "autoguidance_interval": [0, 10]}),
+                        CLASSES, "h")
+    explicit_auto = Plan(recipe(balanced={"total": 8}, sampler={"autoguidance": 2.0, "autoguidance_interval": None}),
+                         CLASSES, "h")
+    assert all(set(c["sampler"]) == {"name", "steps", "eta", "guidance"} for c in plain.describe()["classes"])
     assert plain.fingerprint() == explicit.fingerprint() != guided.fingerprint()
     assert limited.fingerprint() != everywhere.fingerprint()
+    assert guided.fingerprint() == explicit_auto.fingerprint() != auto_limited.fingerprint()
 
 
 def test_guidance_and_autoguidance_together_with_a_per_class_interval():
@@ -233,6 +243,16 @@ def test_guidance_and_autoguidance_together_with_a_per_class_interval():
     specs = {c.name: c.sampler for c in plan.classes}
     assert specs["tumour"].guidance_interval == (1.0, 5.0) and specs["tumour"].autoguidance == 2.0
     assert all(s.guidance_interval == (0.5, 10.0) for name, s in specs.items() if name != "tumour")
+
+
+def test_a_per_class_autoguidance_interval_overrides_the_recipes():
+    r = recipe(balanced={"total": 8}, sampler={"autoguidance": 2.0, "autoguidance_interval": [0, 10]},
+               overrides={"tumour": {"autoguidance_interval": [1, 5], "autoguidance": 3.0}})
+    specs = {c.name: c.sampler for c in Plan(r, CLASSES, "h").classes}
+    assert (specs["tumour"].autoguidance, specs["tumour"].autoguidance_interval) == (3.0, (1.0, 5.0))
+    assert all((s.autoguidance, s.autoguidance_interval) == (2.0, (0.0, 10.0))
+               for name, s in specs.items() if name != "tumour")
+    assert all(s.guidance_interval is None for s in specs.values())
 
 
 @pytest.mark.parametrize("text", ["1", "2/2", "a/b", "-1/3", "0/0"])

@@ -293,6 +293,30 @@ def test_noise_level_interval_limits_guidance_to_its_steps():
     assert outside.flatten().tolist() == [2.0, 2.0] and inside.flatten().tolist() == [4.0, 2.0]
 
 
+def test_autoguidance_interval_sends_only_its_steps_to_the_guide():
+    schedule = NoiseSchedule()
+    active = noise_level_interval(schedule, 0.5, 10.0)
+    calls = {"main": [], "guide": []}
+
+    def main(x, t, y):
+        calls["main"].append(len(y))
+        return x * 0 + 2.0
+
+    def guide(x, t, y):
+        calls["guide"].append(t.tolist())
+        return x * 0 + 10.0
+
+    guided = guided_denoiser(main, torch.ones(3), null_id=9, autoguidance=torch.full((3,), 2.0), guide=guide,
+                             autoguidance_active=active)
+    x, y = torch.zeros(3, 1, 1, 1), torch.zeros(3, dtype=torch.long)
+    # t = 999 (noise 157) and 0 (0.01) lie outside (0.5, 10]; t = 500 (3.4) inside: only it costs a guide call.
+    out = guided(x, torch.tensor([999, 500, 0]), y)
+    assert calls == {"main": [3], "guide": [[500]]}
+    assert out.flatten().tolist() == [2.0, -6.0, 2.0]  # inside: 10 + 2 (2 - 10) = -6; outside: main alone
+    outside = guided(x, torch.tensor([999, 999, 0]), y)
+    assert calls["guide"] == [[500]] and outside.flatten().tolist() == [2.0, 2.0, 2.0]  # no guide call at all
+
+
 def test_autoguidance_without_a_guide_is_refused():
     with pytest.raises(ValueError, match="needs a guide"):
         guided_denoiser(lambda x, t, y: x, torch.ones(1), null_id=0, autoguidance=torch.full((1,), 2.0))

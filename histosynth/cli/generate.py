@@ -68,8 +68,10 @@ def generate_command(
             table.add_column(column)
         for r in summary.rows:
             interval = f" (noise {r['guidance_interval']})" if r["guidance_interval"] else ""  # guided steps only
+            auto_interval = f" (noise {r['autoguidance_interval']})" if r["autoguidance_interval"] else ""
             table.add_row(str(r["class_id"]), r["name"], str(r["count"]), r["sampler"], str(r["steps"]),
-                          f"{r['guidance']:g}{interval}", f"{r['autoguidance']:g}", f"{r['train']}/{r['val']}")
+                          f"{r['guidance']:g}{interval}", f"{r['autoguidance']:g}{auto_interval}",
+                          f"{r['train']}/{r['val']}")
         console.print(table)
         console.print("files: " + ", ".join(str(out / p) for p in summary.layout), highlight=False, soft_wrap=True)
         b = summary.backend

@@ -229,14 +229,16 @@ def autoguidance(denoise: Denoise, guide: Denoise, guidance_scale: torch.Tensor)
 
 def guided_denoiser(denoise: Denoise, guidance: torch.Tensor, null_id: int, *,
                     guidance_active: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                    autoguidance: Optional[torch.Tensor] = None, guide: Optional[Denoise] = None) -> Denoise:
+                    autoguidance: Optional[torch.Tensor] = None, guide: Optional[Denoise] = None,
+                    autoguidance_active: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Denoise:
     """Classifier-free guidance and autoguidance in one denoiser, each with its own per-sample scale.
 
     output = cond + (w_c - 1) [t active] (cond - uncond) + (w_a - 1) (cond - weak): the two guidance terms add,
     each measured from the plain conditional output `cond`, so either alone is exactly its own method
     (uncond + w_c (cond - uncond); weak + w_a (cond - weak)) and together neither scales the other. `uncond` is
     `denoise` with the null class `null_id`, `weak` is `guide` with the same class; each is evaluated only for
-    the rows that need it (w != 1, and for classifier-free guidance `guidance_active(t)` where given).
+    the rows that need it (w != 1, and `guidance_active(t)` / `autoguidance_active(t)` where given: outside its
+    interval a term is 0 and costs nothing).
     """
     if autoguidance is not None and guide is None:
         raise ValueError("autoguidance needs a guide denoiser")
@@ -264,7 +266,10 @@ def guided_denoiser(denoise: Denoise, guidance: torch.Tensor, null_id: int, *,
         if autoguidance is None:
             return result
         w_a = autoguidance.to(device=x.device, dtype=x.dtype)
-        arows = torch.nonzero(w_a != 1.0).flatten()
+        auto = w_a != 1.0
+        if autoguidance_active is not None:
+            auto = auto & autoguidance_active(t).to(device=auto.device, dtype=torch.bool)
+        arows = torch.nonzero(auto).flatten()
         if arows.numel() == 0:
             return result
         weak = guide(x[arows], t[arows], class_ids[arows]).to(cond.dtype)  # type: ignore[misc]

@@ -114,9 +114,10 @@ def _sweep_section(records: list[dict[str, Any]], out_dir: Path, tag: str) -> li
     # KID comes as a {mean, std} dict from `evaluate fid` and as flat kid_mean/kid_std from the benchmarks.
     records = [{**r, "kid": r["kid"].get("mean")} if isinstance(r.get("kid"), dict) else
                ({**r, "kid": r["kid_mean"]} if "kid_mean" in r else r) for r in records]
-    # A guidance interval is shown in the guidance cell: "2 @0.5-10" (classifier-free guidance at those noise levels).
-    records = [{**r, "guidance": f"{r['guidance']:g} @{interval_text(r['guidance_interval'])}"}
-               if r.get("guidance_interval") and isinstance(r.get("guidance"), (int, float)) else r for r in records]
+    # An interval is shown in its scale's cell: "2 @0.5-10" (that guidance at those noise levels only).
+    for key in ("guidance", "autoguidance"):
+        records = [{**r, key: f"{r[key]:g} @{interval_text(r[f'{key}_interval'])}"}
+                   if r.get(f"{key}_interval") and isinstance(r.get(key), (int, float)) else r for r in records]
     keys = [k for k in ("sampler", "steps", "guidance", "autoguidance", "fid", "kid", "seconds", "seconds_per_image")
             if any(k in r for r in records)]
     out += _table(keys, [[r.get(k) for k in keys] for r in records])
@@ -129,7 +130,8 @@ def _sweep_section(records: list[dict[str, Any]], out_dir: Path, tag: str) -> li
                 g = r["guidance"]
                 name += f" (guidance {g:g})" if isinstance(g, (int, float)) else f" (guidance {g})"
             if r.get("autoguidance") not in (None, 1.0):
-                name += f" (autoguidance {r['autoguidance']:g})"
+                a = r["autoguidance"]
+                name += f" (autoguidance {a:g})" if isinstance(a, (int, float)) else f" (autoguidance {a})"
             xs, ys, _ = series.setdefault(name, ([], [], None))
             xs.append(r["steps"])
             ys.append(r["fid"])

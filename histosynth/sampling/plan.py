@@ -144,13 +144,14 @@ class Plan:
 
 
 def _sampler_facts(spec: SamplerSpec) -> dict:
-    """The sampler's fields for the fingerprint. Autoguidance and the guidance interval came later: each is left
-    out when off, so that folders made before it existed still resume."""
+    """The sampler's fields for the fingerprint. Autoguidance and the two guidance intervals came later: each is
+    left out when off, so that folders made before it existed still resume."""
     facts = asdict(spec)
     if facts.get("autoguidance") == 1.0:
         del facts["autoguidance"]
-    if facts.get("guidance_interval") is None:
-        facts.pop("guidance_interval", None)
+    for key in ("guidance_interval", "autoguidance_interval"):
+        if facts.get(key) is None:
+            facts.pop(key, None)
     return facts
 
 

@@ -37,6 +37,9 @@ class SamplerSpec:
     # [low, high]: classifier-free guidance only at noise levels sigma/alpha in (low, high] (Kynkaanniemi et al.
     # 2024); null = at every step. Guidance at the highest noise levels narrows the samples for little label gain.
     guidance_interval: Optional[tuple[float, float]] = None
+    # [low, high]: autoguidance only at noise levels in (low, high]; null = at every step. Elsewhere the main UNet
+    # runs alone, so steps outside the interval cost no guide evaluation.
+    autoguidance_interval: Optional[tuple[float, float]] = None
 
     def validate(self, path: str) -> None:
         require(1 <= self.steps <= MAX_STEPS, f"{path}.steps", f"{self.steps} is out of range; allowed: 1..{MAX_STEPS}")
@@ -44,15 +47,18 @@ class SamplerSpec:
         require(0.0 <= self.guidance <= 30.0, f"{path}.guidance", f"{self.guidance} is out of range; allowed: 0..30")
         require(1.0 <= self.autoguidance <= 30.0, f"{path}.autoguidance",
                 f"{self.autoguidance} is out of range; allowed: 1..30 (1 = off)")
-        if self.guidance_interval is not None:
-            low, high = self.guidance_interval
-            require(math.isfinite(low) and math.isfinite(high) and 0.0 <= low < high, f"{path}.guidance_interval",
-                    f"{list(self.guidance_interval)} is not [low, high] with 0 <= low < high (noise levels "
-                    "sigma/alpha, e.g. [0.5, 10]); null = every step")
+        for key in ("guidance_interval", "autoguidance_interval"):
+            interval = getattr(self, key)
+            if interval is not None:
+                low, high = interval
+                require(math.isfinite(low) and math.isfinite(high) and 0.0 <= low < high, f"{path}.{key}",
+                        f"{list(interval)} is not [low, high] with 0 <= low < high (noise levels sigma/alpha, "
+                        "e.g. [0.5, 10]); null = every step")
 
 
 def interval_text(interval: Optional[Sequence[float]]) -> str:
-    """A guidance interval as manifests, tables and benchmark names show it: "0.5-10", or "" for every step."""
+    """A guidance or autoguidance interval as manifests, tables and benchmark names show it: "0.5-10", or "" for
+    every step."""
     return "" if interval is None else f"{interval[0]:g}-{interval[1]:g}"
 
 
@@ -66,6 +72,7 @@ class SamplerOverride:
     guidance: Optional[float] = None  # this class's guidance scale
     autoguidance: Optional[float] = None  # this class's autoguidance scale
     guidance_interval: Optional[tuple[float, float]] = None  # this class's guidance interval
+    autoguidance_interval: Optional[tuple[float, float]] = None  # this class's autoguidance interval
 
     def apply(self, base: SamplerSpec, path: str) -> SamplerSpec:
         spec = SamplerSpec(
@@ -75,6 +82,8 @@ class SamplerOverride:
             guidance=base.guidance if self.guidance is None else self.guidance,
             autoguidance=base.autoguidance if self.autoguidance is None else self.autoguidance,
             guidance_interval=base.guidance_interval if self.guidance_interval is None else self.guidance_interval,
+            autoguidance_interval=(base.autoguidance_interval if self.autoguidance_interval is None
+                                   else self.autoguidance_interval),
         )
         spec.validate(path)
         return spec

@@ -36,10 +36,10 @@ from histosynth.io import check_writable, stale_temporaries, write_bytes, write_
 
 META = ".histosynth"
 MANIFEST_COLUMNS = ("path", "class_name", "class_id", "index", "seed", "sampler", "steps", "eta", "guidance",
-                    "autoguidance", "guidance_interval", "bundle_hash", "backend", "device")
+                    "autoguidance", "guidance_interval", "autoguidance_interval", "bundle_hash", "backend", "device")
 # Columns added later, with the value a shard manifest written before them means: merged, such a shard reads as
-# "off" (autoguidance 1, guidance at every step).
-_LATER_COLUMNS = {"autoguidance": "1.0", "guidance_interval": ""}
+# "off" (autoguidance 1, each guidance at every step).
+_LATER_COLUMNS = {"autoguidance": "1.0", "guidance_interval": "", "autoguidance_interval": ""}
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ def describe_plan(plan: Plan, shard: Shard = Shard()) -> list[dict]:
         s = c.sampler
         rows.append({"class_id": c.class_id, "name": c.name, "count": counts[c.class_id], "sampler": s.name,
                      "steps": s.steps, "guidance": s.guidance, "autoguidance": s.autoguidance,
-                     "guidance_interval": interval_text(s.guidance_interval), "train": c.n_train,
+                     "guidance_interval": interval_text(s.guidance_interval),
+                     "autoguidance_interval": interval_text(s.autoguidance_interval), "train": c.n_train,
                      "val": c.count - c.n_train})
     return rows
 
@@ -285,7 +286,8 @@ def _manifest_rows(out: Path, plan: Plan, shard: Shard, done: dict[int, bytearra
         backend, device = sessions[session - 1]
         s = item.sampler
         yield [item.relpath, item.name, item.class_id, item.index, item.seed, s.name, s.steps, s.eta, s.guidance,
-               s.autoguidance, interval_text(s.guidance_interval), plan.bundle_hash, backend, device]
+               s.autoguidance, interval_text(s.guidance_interval), interval_text(s.autoguidance_interval),
+               plan.bundle_hash, backend, device]
 
 
 
@@ -299,7 +301,7 @@ def _write_manifest(path: Path, rows: Iterator[list]) -> None:
 def _call_key(item: Item) -> tuple:
     """What the items of one sampler call share; guidance scales may differ per item."""
     s = item.sampler
-    return s.name, s.steps, s.eta, s.guidance_interval
+    return s.name, s.steps, s.eta, s.guidance_interval, s.autoguidance_interval
 
 
 def _batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
@@ -326,9 +328,11 @@ def generate_batch(backend, schedule: NoiseSchedule, items: list[Item], latent_s
     auto = torch.tensor([it.sampler.autoguidance for it in items], dtype=torch.float32)
     autoguided = bool((auto != 1.0).any())  # only then is the guide network loaded (`denoise_guide`)
     active = None if s.guidance_interval is None else noise_level_interval(schedule, *s.guidance_interval)
+    auto_active = (None if s.autoguidance_interval is None
+                   else noise_level_interval(schedule, *s.autoguidance_interval))
     denoise = guided_denoiser(backend.denoise, guidance, null_id, guidance_active=active,
                               autoguidance=auto if autoguided else None,
-                              guide=backend.denoise_guide if autoguided else None)
+                              guide=backend.denoise_guide if autoguided else None, autoguidance_active=auto_active)
     stochastic = get_sampler(s.name).stochastic(s.eta)
     latents = sample(denoise, schedule, x_T, class_ids, sampler=s.name, steps=s.steps, eta=s.eta,
                      randn=(lambda i: noise.draw()) if stochastic else None, on_step=on_step)
