@@ -146,10 +146,11 @@ def test_shards_union_equals_single_process_and_merge(tmp_path, bundle):
     assert digests(sharded) == digests(single)
     assert invoke("merge-shards", str(sharded)).exit_code == 0
     assert (sharded / "manifest.csv").read_text() == (single / "manifest.csv").read_text()
-    # Shard manifests from before the autoguidance and guidance_interval columns (shards finished by an older
-    # histosynth) still merge; a header with a column that was never optional does not.
-    for shard_file, dropped in (("manifest.shard-0-of-3.csv", ("autoguidance", "guidance_interval")),
-                                ("manifest.shard-1-of-3.csv", ("guidance_interval",))):
+    # Shard manifests from before the autoguidance and interval columns (shards finished by an older histosynth)
+    # still merge; a header with a column that was never optional does not.
+    for shard_file, dropped in (("manifest.shard-0-of-3.csv",
+                                 ("autoguidance", "guidance_interval", "autoguidance_interval")),
+                                ("manifest.shard-1-of-3.csv", ("autoguidance_interval",))):
         old = sharded / shard_file
         with open(old, newline="") as f:
             rows = list(csv.reader(f))
