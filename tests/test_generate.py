@@ -243,40 +243,27 @@ def test_autoguidance_with_a_guided_bundle_and_a_clear_refusal_without_one(tmp_p
         rows = list(csv.DictReader(f))
     assert {r["autoguidance"] for r in rows} == {"2.0"} and {r["guidance_interval"] for r in rows} == {""}
 
-    # Both guidance kinds at once, the classifier-free one at some noise levels only. dpmpp2m's 4 steps sit at noise
-    # levels 157, 17.2, 3.4 and 0.95: guidance in (100, 200] acts at the first step only and changes the images;
-    # in (0, 0.5] it acts at none, and the images are autoguidance's alone. The manifest says what was used.
+    # Both guidance kinds at once, or either at some noise levels only. dpmpp2m's 4 steps sit at noise levels 157,
+    # 17.2, 3.4 and 0.95: an interval of (100, 200] acts at the first step only and changes the images; (0, 0.5]
+    # acts at none, and the images are those without that term. The manifest says what was used.
     both = {"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0, "guidance": 3.0}
+    auto = {"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0}
     for name, sampler in (("both", both), ("first", {**both, "guidance_interval": [100, 200]}),
-                          ("none", {**both, "guidance_interval": [0, 0.5]})):
+                          ("none", {**both, "guidance_interval": [0, 0.5]}),
+                          ("auto-first", {**auto, "autoguidance_interval": [100, 200]}),
+                          ("auto-none", {**auto, "autoguidance_interval": [0, 0.5]})):
         result = invoke("generate", "--recipe", str(write_recipe(tmp_path, guided_bundle, sampler=sampler)),
                         "--out", str(tmp_path / name), "--backend", "torch")
         assert result.exit_code == 0, result.output
         out[name] = {k: np.asarray(Image.open(tmp_path / name / k), dtype=np.int16) for k in out["plain"]}
-    for a, b in (("torch", "both"), ("torch", "first")):
+    for a, b in (("torch", "both"), ("torch", "first"), ("plain", "auto-first"), ("torch", "auto-first")):
         assert any(np.abs(out[a][k] - out[b][k]).max() > 8 for k in out["plain"]), (a, b)
-    assert all(np.array_equal(out["none"][k], out["torch"][k]) for k in out["plain"])
-    with open(tmp_path / "first" / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert {(r["guidance"], r["autoguidance"], r["guidance_interval"]) for r in rows} == {("3.0", "2.0", "100-200")}
-
-    # Autoguidance at some noise levels only: in (100, 200] it acts at the first step alone and the images differ
-    # from both unguided and everywhere-autoguided ones; in (0, 0.5] at none, and they are the plain model's.
-    for name, sampler in (("auto-first", {"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0,
-                                          "autoguidance_interval": [100, 200]}),
-                          ("auto-none", {"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0,
-                                         "autoguidance_interval": [0, 0.5]})):
-        result = invoke("generate", "--recipe", str(write_recipe(tmp_path, guided_bundle, sampler=sampler)),
-                        "--out", str(tmp_path / name), "--backend", "torch")
-        assert result.exit_code == 0, result.output
-        out[name] = {k: np.asarray(Image.open(tmp_path / name / k), dtype=np.int16) for k in out["plain"]}
-    for a, b in (("plain", "auto-first"), ("torch", "auto-first")):
-        assert any(np.abs(out[a][k] - out[b][k]).max() > 8 for k in out["plain"]), (a, b)
-    assert all(np.array_equal(out["auto-none"][k], out["plain"][k]) for k in out["plain"])
-    with open(tmp_path / "auto-first" / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert {(r["autoguidance"], r["autoguidance_interval"], r["guidance_interval"]) for r in rows} == {
-        ("2.0", "100-200", "")}
+    for a, b in (("none", "torch"), ("auto-none", "plain")):
+        assert all(np.array_equal(out[a][k], out[b][k]) for k in out["plain"]), (a, b)
+    columns = ("guidance", "autoguidance", "guidance_interval", "autoguidance_interval")
+    for name, used in (("first", ("3.0", "2.0", "100-200", "")), ("auto-first", ("1.0", "2.0", "", "100-200"))):
+        with open(tmp_path / name / "manifest.csv", newline="") as f:
+            assert {tuple(r[c] for c in columns) for r in csv.DictReader(f)} == {used}, name
 
     # The same recipe against a bundle without a guide: refused before anything is written.
     refused = write_recipe(tmp_path, bundle, sampler={"name": "dpmpp2m", "steps": 4, "autoguidance": 2.0})
