@@ -110,6 +110,23 @@ def test_class_weights_from_provenance(quality: ModuleType) -> None:
         quality.class_weights(names, extra, "uniform")
 
 
+def test_unquantized_decoding_changes_the_tiles_and_only_within_its_block(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    unquantized = _load("sampler_quality_unquantized")
+    common = ["--tiny", "--no-fid", "--n", "3", "--settings", "dpmpp2m:2", "--batch-size", "3"]
+    assert unquantized.main(common + ["--out", str(tmp_path / "raw")]) == 0
+    record = _stdout_json(capsys)["results"][0]
+    assert record["backend"] == "torch"  # forced: the ONNX decoder has the quantizer built in
+    quality = _load("sampler_quality")  # after the block: the quantizer is back
+    assert quality.main(common + ["--backend", "torch", "--out", str(tmp_path / "snapped")]) == 0
+    capsys.readouterr()
+    raw, snapped = (sorted((tmp_path / name).rglob("*.png")) for name in ("raw", "snapped"))
+    assert len(raw) == len(snapped) == 3
+    assert all(a.read_bytes() != b.read_bytes() for a, b in zip(raw, snapped))
+    assert unquantized.main(common + ["--backend", "onnx"]) == 2
+    assert "allowed: torch" in capsys.readouterr().err
+
+
 def test_goal_verdict(quality: ModuleType) -> None:
     def rec(sampler: str, steps: int, fid_ratio: float, speedup: float) -> dict:
         return {"sampler": sampler, "steps": steps, "fid_ratio": fid_ratio, "speedup": speedup}
