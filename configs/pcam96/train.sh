@@ -493,3 +493,24 @@ for n in r16 r16hi; do
     --json weights/pcam96/eval/round16/sq_${n}_a2.json &
 done; wait
 # Round 16: both experts 41.49, the noisy-half expert alone 41.59, against round 14's 41.04: not shipped, weights not kept.
+# ---- Round 17 (2026-12-03, seventeenth session; issue 8): no GPU, no training. Measurements of the shipped bundle.
+# The downstream protocol on round 14's bundle at guidance 2 (eval/round17/downstream-g2/):
+histosynth generate --recipe weights/pcam96/eval/round17/downstream-g2/recipe.yaml --out $R/down-r14/generated-g2
+python benchmarks/downstream.py --synthetic $R/down-r14/generated-g2 --bundle weights/pcam96 --sizes 100,300 \
+  --threads 1 --out $R/down-r14/downstream-g2
+# Autoguidance scale and noise intervals on training tiles (round 12's seeds; the a2 row is round 14's sq_ema.json):
+for run in "a2.5 dpmpp2m:20:a2.5" "a2_split dpmpp2m:20:a2@0-10,dpmpp2m:20:a2@10-1000" \
+           "a2_skiplow dpmpp2m:20:a2@0.5-1000" "a2.5_skiplow dpmpp2m:20:a2.5@0.5-1000"; do
+  set -- $run
+  OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --bundle weights/pcam96 --real ../shared/data/pcam/train \
+    --max-real 2000 --n 1000 --settings $2 --batch-size 50 --backend torch \
+    --json weights/pcam96/eval/round17/sq_r14_$1.json
+done
+# ... and decoding without the codebook snap, the same seeds:
+OMP_NUM_THREADS=1 python benchmarks/sampler_quality_unquantized.py --bundle weights/pcam96 \
+  --real ../shared/data/pcam/train --max-real 2000 --n 1000 --settings dpmpp2m:20:a2 --batch-size 50 \
+  --json weights/pcam96/eval/round17/sq_r14_a2_unquantized.json
+# The lowest-FID setting at the issue's n = 2,907 against the validation tiles (monitoring only, not a choice):
+histosynth generate --recipe weights/pcam96/eval/round17/budget-recipe-a2.5-0.5-1000.yaml --out $R/eval-r17/generated
+histosynth evaluate budget --real ../shared/data/pcam/valid --generated $R/eval-r17/generated --n 2907 \
+  --json weights/pcam96/eval/round17/budget-gen-n2907-a2.5-0.5-1000.json
