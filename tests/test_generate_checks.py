@@ -166,3 +166,13 @@ def test_dry_run_shows_a_guidance_interval(tmp_path: Path, bundle: Path) -> None
                            env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert "2 (noise 0.5-10)" in result.output
+
+
+def test_dry_run_shows_an_autoguidance_interval(tmp_path: Path) -> None:
+    guided = tiny_bundle(tmp_path / "guided", num_classes=2, tile_size=32, guide=True)
+    recipe = write_recipe(tmp_path / "r.yaml", guided, sampler={"name": "dpmpp2m", "steps": 4, "autoguidance": 2.5,
+                                                                "autoguidance_interval": [0.5, 1000]})
+    result = runner.invoke(app, ["generate", "-r", str(recipe), "-o", str(tmp_path / "o"), "--dry-run"],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "2.5 (noise 0.5-1000)" in result.output and not (tmp_path / "o").exists()
