@@ -261,23 +261,31 @@ def _default_text(f: dataclasses.Field) -> str:
 
 @functools.lru_cache(maxsize=None)
 def field_comments(cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field line in `cls`'s source (nanoGPT-style field documentation)."""
+    """Each field's documentation in `cls`'s source (nanoGPT-style): the trailing `# comment` of its line, or,
+    for a field line without one, the block of `# comment` lines directly above it."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
     comments: dict[str, str] = {}
     line_tokens: list[tokenize.TokenInfo] = []
+    above: list[str] = []  # the comment-only lines since the last other line
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type in (tokenize.NEWLINE, tokenize.NL):
-            names = [t for t in line_tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
-            # A field line reads `name: type ...  # comment`: a name, then `:`, ending in a comment.
-            if (len(names) >= 3 and names[0].type == tokenize.NAME and names[1].string == ":"
-                    and names[-1].type == tokenize.COMMENT):
-                comments.setdefault(names[0].string, names[-1].string.lstrip("#").strip())
-            line_tokens = []
-        else:
+        if token.type not in (tokenize.NEWLINE, tokenize.NL):
             line_tokens.append(token)
+            continue
+        names = [t for t in line_tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
+        line_tokens = []
+        if len(names) == 1 and names[0].type == tokenize.COMMENT:
+            above.append(names[0].string.lstrip("#").strip())
+            continue
+        # A field line reads `name: type ...`, a name then `:`, optionally ending in a comment.
+        if len(names) >= 3 and names[0].type == tokenize.NAME and names[1].string == ":":
+            if names[-1].type == tokenize.COMMENT:
+                comments.setdefault(names[0].string, names[-1].string.lstrip("#").strip())
+            elif above:
+                comments.setdefault(names[0].string, " ".join(above))
+        above = []  # any other line, a blank one too, ends the block
     return comments
 
 

@@ -182,10 +182,30 @@ def test_explain_prints_every_key_and_sampler():
         row = next((line for line in result.output.splitlines()
                     if line.count("│") > 2 and line.split("│")[1].strip() == key.path), None)
         assert row is not None, f"--explain does not list {key.path}"
+        assert key.meaning, f"{key.path} has no meaning: document its field in histosynth/sampling/recipe.py"
         assert key.type in row and key.default in row and key.meaning[:40] in row, row
     for name, info in SAMPLERS.items():
         assert name in result.output and info.summary[:40] in result.output
     assert "[string] or null" in result.output  # types are not eaten as console markup
+
+
+@dataclasses.dataclass
+class _Documented:
+    trailing: int = 1  # said on its line
+    # said above it,
+    # on two lines
+    above: int = 2
+    # a section comment, then a blank line: not a field's
+
+    loose: int = 3
+    both: int = 4  # its own line wins
+
+
+def test_field_comments_read_trailing_comments_and_the_block_above():
+    from histosynth.configio import field_comments
+
+    assert field_comments(_Documented) == {"trailing": "said on its line", "above": "said above it, on two lines",
+                                           "both": "its own line wins"}
 
 
 def test_seeds_depend_on_seed_class_index_only():
