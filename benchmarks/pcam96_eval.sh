@@ -10,8 +10,10 @@
 # anything from them. Steps: budget control memorization downstream speed (default: all).
 # AUTOGUIDANCE=W samples the shared tiles (budget, memorization, downstream) with autoguidance W by the bundle's
 # guide network, GUIDANCE=G with classifier-free guidance G, GUIDANCE_INTERVAL="LOW, HIGH" with that guidance at
-# noise levels in (LOW, HIGH] only (defaults 1, 1, every step: no guidance, the paper's setting). A setting other
-# than the default adds a control run at it (control-<tag>.json: a2, g2a2, g2i0.5-10a2, ...) beside guidance 1 and 2
+# noise levels in (LOW, HIGH] only, AUTOGUIDANCE_INTERVAL="LOW, HIGH" the same for autoguidance (defaults 1, 1,
+# every step, every step: no guidance, the paper's setting). A setting other
+# than the default adds a control run at it (control-<tag>.json: a2, g2a2, g2i0.5-10a2, a2.5i0.5-1000, ...) beside
+# guidance 1 and 2
 # (CONTROL_RUNS, default "g1 g2", names those).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,13 +34,14 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # Generated tiles shared by the budget, memorization and downstream: PER_CLASS per class (default 1,000: 4,000;
 # the downstream protocol's 4x arm needs 4 x 1,000; a budget at n = 2,907 needs 727), dpmpp2m 20 steps, no
-# guidance (the paper's setting) unless GUIDANCE, GUIDANCE_INTERVAL or AUTOGUIDANCE is set.
-G=${GUIDANCE:-1.0} A=${AUTOGUIDANCE:-1.0} I=${GUIDANCE_INTERVAL:-}
-shared_scales="guidance: $G, autoguidance: $A${I:+, guidance_interval: [$I]}"
+# guidance (the paper's setting) unless GUIDANCE, GUIDANCE_INTERVAL, AUTOGUIDANCE or AUTOGUIDANCE_INTERVAL is set.
+G=${GUIDANCE:-1.0} A=${AUTOGUIDANCE:-1.0} I=${GUIDANCE_INTERVAL:-} AI=${AUTOGUIDANCE_INTERVAL:-}
+shared_scales="guidance: $G, autoguidance: $A${I:+, guidance_interval: [$I]}${AI:+, autoguidance_interval: [$AI]}"
 shared_tag=""  # names the shared setting's control run; empty for the paper's setting
 [[ $G =~ ^1(\.0*)?$ ]] || shared_tag+="g$G"
 [[ -z $I ]] || shared_tag+="i$(tr -d ' ' <<< "$I" | tr , -)"
 [[ $A =~ ^1(\.0*)?$ ]] || shared_tag+="a$A"
+[[ -z $AI ]] || shared_tag+="i$(tr -d ' ' <<< "$AI" | tr , -)"
 cat > "$OUT/eval-recipe.yaml" <<EOF
 bundle: $(realpath --relative-to="$OUT" "$B")
 seed: 12345
