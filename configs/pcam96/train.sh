@@ -514,3 +514,4 @@ OMP_NUM_THREADS=1 python benchmarks/sampler_quality_unquantized.py --bundle weig
 histosynth generate --recipe weights/pcam96/eval/round17/budget-recipe-a2.5-0.5-1000.yaml --out $R/eval-r17/generated
 histosynth evaluate budget --real ../shared/data/pcam/valid --generated $R/eval-r17/generated --n 2907 \
   --json weights/pcam96/eval/round17/budget-gen-n2907-a2.5-0.5-1000.json
+CONTROL_RUNS="" AUTOGUIDANCE=2.5 AUTOGUIDANCE_INTERVAL="0.5, 1000" bash benchmarks/pcam96_eval.sh $R/eval-r17c control
