@@ -515,3 +515,10 @@ histosynth generate --recipe weights/pcam96/eval/round17/budget-recipe-a2.5-0.5-
 histosynth evaluate budget --real ../shared/data/pcam/valid --generated $R/eval-r17/generated --n 2907 \
   --json weights/pcam96/eval/round17/budget-gen-n2907-a2.5-0.5-1000.json
 CONTROL_RUNS="" AUTOGUIDANCE=2.5 AUTOGUIDANCE_INTERVAL="0.5, 1000" bash benchmarks/pcam96_eval.sh $R/eval-r17c control
+# A second training-tile draw of the shipped setting and the lowest-FID one (other seeds, another 2,000 real tiles):
+for run in "a2 dpmpp2m:20:a2" "a2.5_skiplow dpmpp2m:20:a2.5@0.5-1000"; do
+  set -- $run
+  OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --bundle weights/pcam96 --real ../shared/data/pcam/train \
+    --max-real 2000 --n 1000 --seed 1 --settings $2 --batch-size 50 --backend torch \
+    --json weights/pcam96/eval/round17/sq_r14_$1_seed1.json &
+done; wait
