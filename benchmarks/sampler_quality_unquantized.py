@@ -21,24 +21,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
-from histosynth.autoencoder.vqgan import LatentDecoder
+from histosynth.imageops import to_uint8
+from histosynth.sampling.backends import TorchBackend
 
 
 @contextmanager
 def unquantized_decoding() -> Iterator[None]:
-    """Within the block, every `LatentDecoder` (the torch backend's decoder) decodes latents as they are."""
+    """Within the block, the torch backend decodes latents as they are.
 
-    def forward(self: LatentDecoder, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents)
+    Only `TorchBackend.decode` is replaced, never the decoder module: a bundle exported inside the block (`--tiny`
+    makes one, and caches it for the process) must keep the quantizer in its ONNX graph.
+    """
 
-    original = LatentDecoder.forward
-    LatentDecoder.forward = forward  # type: ignore[method-assign]
+    @torch.inference_mode()
+    def decode(self: TorchBackend, latents: torch.Tensor) -> np.ndarray:
+        decoder = self.decoder  # BundleDecoder: undo the latent scale, then the decoder half without the quantizer
+        z = latents.to(self.device, self.decoder_dtype) / decoder.latent_scale
+        return to_uint8(decoder.latent_decoder.decoder(z).clamp(-1.0, 1.0))
+
+    original = TorchBackend.decode
+    TorchBackend.decode = decode  # type: ignore[method-assign]
     try:
         yield
     finally:
-        LatentDecoder.forward = original  # type: ignore[method-assign]
+        TorchBackend.decode = original  # type: ignore[method-assign]
 
 
 def _sampler_quality():
@@ -53,15 +62,12 @@ def _sampler_quality():
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--backend" in args:
-        i = args.index("--backend")
-        if i + 1 < len(args) and args[i + 1] != "torch":
-            print("error: --backend: only torch decodes without the quantizer (allowed: torch)", file=sys.stderr)
-            return 2
-    else:
-        args += ["--backend", "torch"]
+    quality = _sampler_quality()
+    if quality.build_parser().parse_args(args).backend not in ("auto", "torch"):
+        print("error: --backend: only torch decodes without the quantizer (allowed: torch)", file=sys.stderr)
+        return 2
     with unquantized_decoding():
-        return _sampler_quality().main(args)
+        return quality.main(args + ["--backend", "torch"])  # the last --backend wins
 
 
 if __name__ == "__main__":

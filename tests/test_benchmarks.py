@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from histosynth.errors import InputError
@@ -123,8 +125,19 @@ def test_unquantized_decoding_changes_the_tiles_and_only_within_its_block(tmp_pa
     raw, snapped = (sorted((tmp_path / name).rglob("*.png")) for name in ("raw", "snapped"))
     assert len(raw) == len(snapped) == 3
     assert all(a.read_bytes() != b.read_bytes() for a, b in zip(raw, snapped))
-    assert unquantized.main(common + ["--backend", "onnx"]) == 2
-    assert "allowed: torch" in capsys.readouterr().err
+    for refused in (["--backend", "onnx"], ["--backend=onnx"]):
+        assert unquantized.main(common + refused) == 2
+        assert "allowed: torch" in capsys.readouterr().err
+    # The tiny bundle made inside the block (and cached for the process) kept the quantizer: its ONNX decoder
+    # agrees with the torch one on latents far from every code.
+    from histosynth.bundle.store import load_bundle
+    from histosynth.bundle.testing import tiny_bundle
+    from histosynth.sampling.backends import make_backend
+
+    bundle = load_bundle(tiny_bundle(tmp_path / "after", name="tiny-bundle", guide=True))
+    latents = 3.0 * torch.randn(2, *bundle.manifest.latent_shape, generator=torch.Generator().manual_seed(0))
+    onnx, torch_ = (make_backend(bundle, backend=b, device="cpu").decode(latents).astype(int) for b in ("onnx", "torch"))
+    assert np.abs(onnx - torch_).max() <= 3
 
 
 def test_goal_verdict(quality: ModuleType) -> None:
@@ -141,7 +154,8 @@ def test_goal_verdict(quality: ModuleType) -> None:
 def test_sampler_quality_time_only(quality: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Without FID: the timing rows, the kept folders with the same class counts, the --json records."""
     records_path = tmp_path / "sweep.json"
-    rc = quality.main(["--tiny", "--no-fid", "--n", "5", "--settings", "ddim:3,dpmpp2m:2,dpmpp2m:2:2,dpmpp2m:2:a2,dpmpp2m:2:2@0-10:a2,"
+    rc = quality.main(["--tiny", "--no-fid", "--n", "5", "--settings",
+                       "ddim:3,dpmpp2m:2,dpmpp2m:2:2,dpmpp2m:2:a2,dpmpp2m:2:2@0-10:a2,"
                        "dpmpp2m:2:a2@0-10",
                        "--backend", "onnx", "--device", "cpu", "--batch-size", "4", "--out", str(tmp_path / "gen"),
                        "--json", str(records_path)])
