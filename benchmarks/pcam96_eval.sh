@@ -11,10 +11,9 @@
 # AUTOGUIDANCE=W samples the shared tiles (budget, memorization, downstream) with autoguidance W by the bundle's
 # guide network, GUIDANCE=G with classifier-free guidance G, GUIDANCE_INTERVAL="LOW, HIGH" with that guidance at
 # noise levels in (LOW, HIGH] only, AUTOGUIDANCE_INTERVAL="LOW, HIGH" the same for autoguidance (defaults 1, 1,
-# every step, every step: no guidance, the paper's setting). A setting other
-# than the default adds a control run at it (control-<tag>.json: a2, g2a2, g2i0.5-10a2, a2.5i0.5-1000, ...) beside
-# guidance 1 and 2
-# (CONTROL_RUNS, default "g1 g2", names those).
+# every step, every step: no guidance, the paper's setting). A setting other than the default adds a control run at
+# it (control-<tag>.json: a2, g2a2, g2i0.5-10a2, a2.5i0.5-1000, ...) beside guidance 1 and 2 (CONTROL_RUNS, default
+# "g1 g2", names those).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/pcam96/eval2}

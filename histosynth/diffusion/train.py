@@ -503,7 +503,8 @@ def _finish(run: _Run, trained: bool, last_loss: float) -> TrainResult:
             run.head.save(run.run_dir / "imc_head.safetensors")
     verdict = None
     if info.is_main and run.decoder is not None and config.check_samples > 0:
-        verdict = _check(run.sampling_model(shipped), run.schedule, run.decoder, run.latent_shape, run.data.latent_scale,
+        verdict = _check(run.sampling_model(shipped), run.schedule, run.decoder, run.latent_shape,
+                         run.data.latent_scale,
                          run.model_config.num_classes, [run.data.keys[i] for i in run.rows], config, run.run_dir,
                          run.logger, state.step)
     dist.barrier()
