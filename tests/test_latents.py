@@ -129,6 +129,52 @@ def test_dihedral_views_are_encoded_not_transformed(model: VQGAN, tiles: Path, t
     torch.testing.assert_close(cache[8 + 5], view, atol=2e-3, rtol=2e-3)
 
 
+def test_some_views_are_encoded_identity_first_and_named_in_the_key(model: VQGAN, tiles: Path, tmp_path: Path) -> None:
+    small = torch.utils.data.Subset(_dataset(tiles), [0, 1, 2])
+    # Listed in any order, stored identity first and then in DIHEDRAL order: the layout does not depend on the listing.
+    cache = encode_dataset(model, small, tmp_path / "c", batch_size=2, view_names=["flip", "identity", "rot90"],
+                           show_progress=False)
+    assert len(cache) == 9 and cache.transforms[:3] == ["identity", "rot90", "flip"]
+    assert cache.meta["views"] == ["identity", "rot90", "flip"] and cache.meta["key"]["views"] == ["identity", "rot90", "flip"]
+    with torch.no_grad():
+        view = model.encode(apply_dihedral(_dataset(tiles)[2][None], 0, True))[0]  # tile 2, flip
+    torch.testing.assert_close(cache[2 * 3 + 2], view, atol=2e-3, rtol=2e-3)
+    # Another subset of the same size is another cache, not this one returned as finished.
+    with pytest.raises(InputError, match="another model or tile set"):
+        encode_dataset(model, small, tmp_path / "c", view_names=["identity", "rot180"], show_progress=False)
+    # The two single-count keys of older caches stay as they were.
+    assert encode_dataset(model, small, tmp_path / "one", show_progress=False).meta["key"]["views"] == 1
+
+
+@pytest.mark.parametrize("names, dihedral, message", [
+    (["identity", "rot45"], False, "unknown view 'rot45'; allowed: identity, rot90, rot180, rot270, flip"),
+    (["flip"], False, "must include identity"),
+    (["identity", "flip", "flip"], False, "'flip' is listed twice"),
+    (["identity", "flip"], True, "--dihedral and --views: give one"),
+])
+def test_views_are_checked(model: VQGAN, tiles: Path, tmp_path: Path, names, dihedral, message) -> None:
+    with pytest.raises(InputError, match=message):
+        encode_dataset(model, _dataset(tiles), tmp_path / "c", view_names=names, dihedral=dihedral,
+                       show_progress=False)
+    assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def test_quarter_turns_of_non_square_tiles_are_refused(model: VQGAN, tmp_path: Path) -> None:
+    class Wide(torch.utils.data.Dataset):
+        files = [Path("a.png"), Path("b.png")]
+
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.zeros(3, 32, 64)
+
+    with pytest.raises(InputError, match="not square.*allowed views: identity, rot180, flip, rot180\\+flip"):
+        encode_dataset(model, Wide(), tmp_path / "c", view_names=["identity", "rot90"], show_progress=False)
+    cache = encode_dataset(model, Wide(), tmp_path / "ok", view_names=["identity", "rot180+flip"], show_progress=False)
+    assert cache.shape == (3, 8, 16) and len(cache) == 4
+
+
 def test_encode_command_reads_an_export(model: VQGAN, tiles: Path, tmp_path: Path) -> None:
     export = tmp_path / "vqgan.safetensors"
     save_checkpoint(model, export, to_dict(model.config), {"kind": "vqgan", "tile_size": 32, "step": 7})
@@ -137,6 +183,14 @@ def test_encode_command_reads_an_export(model: VQGAN, tiles: Path, tmp_path: Pat
     assert res.exit_code == 0, res.output
     cache = LatentCache.open(tmp_path / "cache")
     assert len(cache) == 24 and cache.meta["source"]["vqgan_step"] == 7
+    res = CliRunner().invoke(app, ["train", "encode", "--vqgan", str(export), "--data", str(tiles), "--out",
+                                   str(tmp_path / "views"), "--size-policy", "crop", "--device", "cpu",
+                                   "--views", "identity,rot180+flip"])
+    assert res.exit_code == 0, res.output
+    assert LatentCache.open(tmp_path / "views").transforms[:2] == ["identity", "rot180+flip"]
+    res = CliRunner().invoke(app, ["train", "encode", "--vqgan", str(export), "--data", str(tiles), "--out",
+                                   str(tmp_path / "bad"), "--size-policy", "crop", "--views", "rot90"])
+    assert res.exit_code == 2 and "must include identity" in res.output
     # Without --size-policy the 96-px tiles do not match the model's 32-px tile size: a clear input error.
     res = CliRunner().invoke(app, ["train", "encode", "--vqgan", str(export), "--data", str(tiles),
                                    "--out", str(tmp_path / "c2"), "--device", "cpu"])

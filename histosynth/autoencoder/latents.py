@@ -12,7 +12,8 @@ interrupted `encode_dataset` continues where it stopped (same model fingerprint 
 finished array is renamed into place, so ``latents.npy`` is always complete.
 
 Augmented views are *not* made by transforming latents (a conv encoder is only roughly equivariant); with
-``dihedral=True`` each tile is encoded under all 8 flips/rotations instead, as 8 rows.
+``dihedral=True`` each tile is encoded under all 8 flips/rotations instead, as 8 rows, and with ``views`` under
+the named ones (``identity`` and some of the other 7: a fraction of the encoding time of all 8).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -177,6 +178,7 @@ def encode_dataset(
     *,
     device: str | torch.device = "cpu",
     dihedral: bool = False,
+    view_names: Sequence[str] | None = None,
     num_workers: int = 0,
     chunk_batches: int = 16,
     source: dict[str, Any] | None = None,
@@ -188,7 +190,8 @@ def encode_dataset(
     Resumes an interrupted run for the same model and tiles; an existing finished cache for the same
     model and tiles is returned as is, one for another model or tile list is an `InputError`.
     `chunk_batches` batches are encoded between progress saves. `source` adds facts (e.g. the VQ-GAN's
-    path, the data path) to latents.json.
+    path, the data path) to latents.json. `dihedral` encodes all 8 views of every tile, `view_names` the named ones
+    (`select_views`).
     """
     out = Path(out_dir)
     if batch_size < 1:
@@ -197,11 +200,14 @@ def encode_dataset(
     if n_tiles == 0:
         raise InputError("the dataset holds no tiles to encode")
     vqgan = vqgan.to(device).eval()
-    views = DIHEDRAL if dihedral else DIHEDRAL[:1]
+    views = select_views(view_names, dihedral)
     names = tile_names(dataset)
     fingerprint = model_fingerprint(vqgan)
     tiles_hash = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-    key = {"model": fingerprint, "tiles": tiles_hash, "count": n_tiles, "views": len(views)}
+    # Caches of the tile alone or of all 8 views keep the key they always had (a count); a subset is named.
+    view_key: int | list[str] = len(views) if views in (DIHEDRAL, DIHEDRAL[:1]) \
+        else [dihedral_name(k, flip) for k, flip in views]
+    key = {"model": fingerprint, "tiles": tiles_hash, "count": n_tiles, "views": view_key}
 
     if (out / META_FILE).is_file():
         meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
@@ -214,6 +220,9 @@ def encode_dataset(
     f = vqgan.downsample_factor
     if first.ndim != 3 or first.shape[-1] % f or first.shape[-2] % f:
         raise InputError(f"tiles of shape {tuple(first.shape)} do not fit the VQ-GAN (3, H, W with H, W multiples of {f})")
+    if first.shape[-1] != first.shape[-2] and any(k % 2 for k, _ in views):
+        raise InputError(f"tiles of {first.shape[-2]}x{first.shape[-1]} px are not square: quarter turns would change "
+                         f"their shape; allowed views: {', '.join(dihedral_name(k, fl) for k, fl in DIHEDRAL if k % 2 == 0)}")
     c, h, w = vqgan.config.latent_channels, first.shape[-2] // f, first.shape[-1] // f
     shape = (n_tiles * len(views), c, h, w)
 
@@ -280,6 +289,27 @@ def encode_dataset(
     return LatentCache.open(out)
 
 
+def select_views(names: Sequence[str] | None, dihedral: bool = False) -> tuple[tuple[int, bool], ...]:
+    """The views to encode, as (quarter turns, flip): all 8 (`dihedral`), the `names` (which must include
+    ``identity``; returned identity first, then in `DIHEDRAL` order, so a cache's layout does not depend on how
+    they were listed), or the tile alone."""
+    if names is None:
+        return DIHEDRAL if dihedral else DIHEDRAL[:1]
+    allowed = [dihedral_name(k, flip) for k, flip in DIHEDRAL]
+    if dihedral:
+        raise InputError("--dihedral and --views: give one (--dihedral is every view: " + ",".join(allowed) + ")")
+    wanted = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in wanted if n not in allowed]
+    if unknown:
+        raise InputError(f"--views: unknown view {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    if len(set(wanted)) != len(wanted):
+        raise InputError(f"--views: {next(n for n in wanted if wanted.count(n) > 1)!r} is listed twice")
+    if "identity" not in wanted:
+        # The identity rows are the tiles themselves (clustering reads them; the others are its views).
+        raise InputError(f"--views: must include identity (the tile itself); got {', '.join(wanted) or 'none'}")
+    return tuple(v for v, name in zip(DIHEDRAL, allowed) if name in wanted)
+
+
 def encode_tiles(
     vqgan_path: str | Path,
     data: str | Path,
@@ -290,6 +320,7 @@ def encode_tiles(
     batch_size: int = 64,
     device: str = "auto",
     dihedral: bool = False,
+    views: Sequence[str] | None = None,
     num_workers: int = 0,
     show_progress: bool = True,
 ) -> LatentCache:
@@ -315,7 +346,7 @@ def encode_tiles(
         else open_tiles(data, tile_size, size_policy)  # type: ignore[arg-type]
     source = {"vqgan": str(file), "vqgan_step": extra.get("step"), "data": str(data),
               "size_policy": size_policy, "dataset_report": dataset.report.summary()}
-    return encode_dataset(model, dataset, out_dir, batch_size, device=resolved, dihedral=dihedral,
+    return encode_dataset(model, dataset, out_dir, batch_size, device=resolved, dihedral=dihedral, view_names=views,
                           num_workers=num_workers, source=source, show_progress=show_progress)
 
 

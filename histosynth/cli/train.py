@@ -76,13 +76,18 @@ def encode_command(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     dihedral: bool = typer.Option(False, "--dihedral",
                                   help="Also encode the 7 other flips/rotations of every tile (8 rows per tile)."),
+    views: Optional[str] = typer.Option(None, "--views", metavar="NAMES",
+                                        help="Encode these views of every tile, comma-separated, identity among "
+                                             "them: identity, rot90, rot180, rot270, flip, rot90+flip, "
+                                             "rot180+flip, rot270+flip."),
     num_workers: int = typer.Option(0, "--num-workers", min=0, help="DataLoader worker processes."),
 ) -> None:
     """Encode tiles once with a trained VQ-GAN into a latent cache (resumable) for diffusion training."""
     from histosynth.autoencoder.latents import encode_tiles
 
     cache = encode_tiles(vqgan, data, out, tile_size=tile_size, size_policy=size_policy, batch_size=batch_size,
-                         device=device, dihedral=dihedral, num_workers=num_workers)
+                         device=device, dihedral=dihedral, num_workers=num_workers,
+                         views=views.split(",") if views is not None else None)
     console.print(
         f"{cache.directory}: {len(cache)} latents of shape {cache.shape} (float16); "
         f"mean {cache.meta['mean']:.4g}, std {cache.meta['std']:.4g}, latent_scale {cache.latent_scale:.4g}"
