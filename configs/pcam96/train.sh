@@ -522,3 +522,13 @@ for run in "a2 dpmpp2m:20:a2" "a2.5_skiplow dpmpp2m:20:a2.5@0.5-1000"; do
     --max-real 2000 --n 1000 --seed 1 --settings $2 --batch-size 50 --backend torch \
     --json weights/pcam96/eval/round17/sq_r14_$1_seed1.json &
 done; wait
+# ---- Round 18 (2026-12-03, eighteenth session; issue 8): no GPU. recipes/balanced.yaml samples at autoguidance 2.5
+# above noise level 0.5 (round 17's choice); the README main command timed against the old recipe on idle cores
+# (eval/round18/readme_main_time.txt):
+git show cd0087c:recipes/balanced.yaml | sed "s#bundle: ../weights/pcam96#bundle: $PWD/weights/pcam96#" > $R/balanced-a2.yaml
+/usr/bin/time -f "%e s" histosynth generate --recipe $R/balanced-a2.yaml --out $R/readme-a2
+/usr/bin/time -f "%e s" histosynth generate --recipe recipes/balanced.yaml --out $R/readme-r18
+# The shipped UNet continued on the tiles and their mirror images, both encoded (80 minutes on one core):
+histosynth train encode --vqgan weights/pcam96/next/vqgan-v2.safetensors --data ../shared/data/pcam/train \
+  --out $R/latents-v2-flip --batch-size 128 --views identity,flip
+OMP_NUM_THREADS=1 histosynth train cldm --config configs/pcam96/cldm-v2-r18-flip.yaml --run-dir $R/cldm-v2-r18-flip
