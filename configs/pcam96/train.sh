@@ -532,3 +532,31 @@ git show cd0087c:recipes/balanced.yaml | sed "s#bundle: ../weights/pcam96#bundle
 histosynth train encode --vqgan weights/pcam96/next/vqgan-v2.safetensors --data ../shared/data/pcam/train \
   --out $R/latents-v2-flip --batch-size 128 --views identity,flip
 OMP_NUM_THREADS=1 histosynth train cldm --config configs/pcam96/cldm-v2-r18-flip.yaml --run-dir $R/cldm-v2-r18-flip
+# Its EMA at steps 2,000 and 5,000 (each checkpoint copied to a run folder of its own, where `train cldm` resumes at
+# N of N and writes unet.safetensors) and at the end (8,626 steps), each beside the shipped decoder and guide, on
+# training tiles at the default sampler (round 12's seeds; the shipped UNet: 39.92), the end also at autoguidance 2:
+for n in 2000 5000; do
+  mkdir -p $R/r18-at-$n/checkpoints && cp $R/cldm-v2-r18-flip/checkpoints/step-0000$n.safetensors $R/r18-at-$n/checkpoints/
+  histosynth train cldm --config configs/pcam96/cldm-v2-r18-flip.yaml --run-dir $R/r18-at-$n --steps $n
+done
+for u in r18-at-2000 r18-at-5000 cldm-v2-r18-flip; do
+  histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet $R/$u/unet.safetensors \
+    --latent-scale 0.6286898256435279 --labels weights/pcam96/training/label_map.yaml --out $R/bundle-$u --mpp 0.972 \
+    --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)" \
+    --guide-unet weights/pcam96/guide_unet.safetensors --overwrite
+done
+for run in "r18-at-2000 r18flip-2000_a2.5_skiplow dpmpp2m:20:a2.5@0.5-1000" \
+           "r18-at-5000 r18flip-5000_a2.5_skiplow dpmpp2m:20:a2.5@0.5-1000" \
+           "cldm-v2-r18-flip r18flip_a2.5_skiplow dpmpp2m:20:a2.5@0.5-1000" "cldm-v2-r18-flip r18flip_a2 dpmpp2m:20:a2"; do
+  set -- $run
+  OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --bundle $R/bundle-$1 --real ../shared/data/pcam/train \
+    --max-real 2000 --n 1000 --settings $3 --batch-size 50 --backend torch --json weights/pcam96/eval/round18/sq_$2.json
+done
+# ... and a second draw (other seeds, another 2,000 training tiles; round 17 drew the shipped UNet's the same way):
+for run in "a2.5_skiplow dpmpp2m:20:a2.5@0.5-1000" "a2 dpmpp2m:20:a2"; do
+  set -- $run
+  OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --bundle $R/bundle-cldm-v2-r18-flip \
+    --real ../shared/data/pcam/train --max-real 2000 --n 1000 --seed 1 --settings $2 --batch-size 50 \
+    --backend torch --json weights/pcam96/eval/round18/sq_r18flip_$1_seed1.json &
+done; wait
+# Round 18: no gain on the second draw (39.75 vs 39.45 at the default sampler); not shipped, weights not kept.
