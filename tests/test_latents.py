@@ -135,7 +135,7 @@ def test_some_views_are_encoded_identity_first_and_named_in_the_key(model: VQGAN
     cache = encode_dataset(model, small, tmp_path / "c", batch_size=2, view_names=["flip", "identity", "rot90"],
                            show_progress=False)
     assert len(cache) == 9 and cache.transforms[:3] == ["identity", "rot90", "flip"]
-    assert cache.meta["views"] == ["identity", "rot90", "flip"] and cache.meta["key"]["views"] == ["identity", "rot90", "flip"]
+    assert cache.meta["views"] == cache.meta["key"]["views"] == ["identity", "rot90", "flip"]
     with torch.no_grad():
         view = model.encode(apply_dihedral(_dataset(tiles)[2][None], 0, True))[0]  # tile 2, flip
     torch.testing.assert_close(cache[2 * 3 + 2], view, atol=2e-3, rtol=2e-3)

@@ -12,8 +12,8 @@ interrupted `encode_dataset` continues where it stopped (same model fingerprint 
 finished array is renamed into place, so ``latents.npy`` is always complete.
 
 Augmented views are *not* made by transforming latents (a conv encoder is only roughly equivariant); with
-``dihedral=True`` each tile is encoded under all 8 flips/rotations instead, as 8 rows, and with ``views`` under
-the named ones (``identity`` and some of the other 7: a fraction of the encoding time of all 8).
+``dihedral=True`` each tile is encoded under all 8 flips/rotations instead, as 8 rows, and with ``view_names``
+under the named ones (``identity`` and some of the other 7: a fraction of the encoding time of all 8).
 """
 
 from __future__ import annotations
@@ -221,8 +221,9 @@ def encode_dataset(
     if first.ndim != 3 or first.shape[-1] % f or first.shape[-2] % f:
         raise InputError(f"tiles of shape {tuple(first.shape)} do not fit the VQ-GAN (3, H, W with H, W multiples of {f})")
     if first.shape[-1] != first.shape[-2] and any(k % 2 for k, _ in views):
-        raise InputError(f"tiles of {first.shape[-2]}x{first.shape[-1]} px are not square: quarter turns would change "
-                         f"their shape; allowed views: {', '.join(dihedral_name(k, fl) for k, fl in DIHEDRAL if k % 2 == 0)}")
+        keeping = ", ".join(dihedral_name(k, fl) for k, fl in DIHEDRAL if k % 2 == 0)
+        raise InputError(f"tiles of {first.shape[-2]}x{first.shape[-1]} px are not square: quarter turns would "
+                         f"change their shape; allowed views: {keeping}")
     c, h, w = vqgan.config.latent_channels, first.shape[-2] // f, first.shape[-1] // f
     shape = (n_tiles * len(views), c, h, w)
 
@@ -320,7 +321,7 @@ def encode_tiles(
     batch_size: int = 64,
     device: str = "auto",
     dihedral: bool = False,
-    views: Sequence[str] | None = None,
+    view_names: Sequence[str] | None = None,
     num_workers: int = 0,
     show_progress: bool = True,
 ) -> LatentCache:
@@ -346,8 +347,8 @@ def encode_tiles(
         else open_tiles(data, tile_size, size_policy)  # type: ignore[arg-type]
     source = {"vqgan": str(file), "vqgan_step": extra.get("step"), "data": str(data),
               "size_policy": size_policy, "dataset_report": dataset.report.summary()}
-    return encode_dataset(model, dataset, out_dir, batch_size, device=resolved, dihedral=dihedral, view_names=views,
-                          num_workers=num_workers, source=source, show_progress=show_progress)
+    return encode_dataset(model, dataset, out_dir, batch_size, device=resolved, dihedral=dihedral,
+                          view_names=view_names, num_workers=num_workers, source=source, show_progress=show_progress)
 
 
 # A bank of *generated* latents (`histosynth.sampling.latent_bank`, written downstream by the diffusion model's

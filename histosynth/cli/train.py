@@ -87,7 +87,7 @@ def encode_command(
 
     cache = encode_tiles(vqgan, data, out, tile_size=tile_size, size_policy=size_policy, batch_size=batch_size,
                          device=device, dihedral=dihedral, num_workers=num_workers,
-                         views=views.split(",") if views is not None else None)
+                         view_names=views.split(",") if views is not None else None)
     console.print(
         f"{cache.directory}: {len(cache)} latents of shape {cache.shape} (float16); "
         f"mean {cache.meta['mean']:.4g}, std {cache.meta['std']:.4g}, latent_scale {cache.latent_scale:.4g}"
