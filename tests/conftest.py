@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,12 @@ def shared_data() -> Path:
 def pcam_tiles(shared_data: Path) -> list[Path]:
     """The first 48 PCam training tiles (sorted), for stage tests on real data."""
     return sorted((shared_data / "pcam" / "train").glob("*.jpg"))[:48]
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory: pytest.TempPathFactory, pcam_tiles: list[Path]) -> Path:
+    """A folder of 24 real tiles, shared by a module's tests (a test module may define its own `tiles`)."""
+    folder = tmp_path_factory.mktemp("tiles")
+    for p in pcam_tiles[:24]:
+        shutil.copy(p, folder / p.name)
+    return folder

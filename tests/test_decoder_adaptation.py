@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,6 @@ from histosynth.runtime.tracking import read_metrics
 from histosynth.runtime.weights import read_checkpoint_metadata
 from histosynth.sampling.latent_bank import BankSpec, sample_latent_bank
 from test_quality_training import _config
-
-
-@pytest.fixture(scope="module")
-def tiles(tmp_path_factory: pytest.TempPathFactory, pcam_tiles: list[Path]) -> Path:
-    folder = tmp_path_factory.mktemp("tiles")
-    for p in pcam_tiles[:24]:
-        shutil.copy(p, folder / p.name)
-    return folder
 
 
 @pytest.fixture(scope="module")

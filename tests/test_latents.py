@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +34,6 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def model() -> VQGAN:
     torch.manual_seed(0)
     return VQGAN(VQGANConfig(base_channels=8, num_res_blocks=1, codebook_size=16, norm_groups=4)).eval()
-
-
-@pytest.fixture(scope="module")
-def tiles(tmp_path_factory: pytest.TempPathFactory, pcam_tiles: list[Path]) -> Path:
-    folder = tmp_path_factory.mktemp("tiles")
-    for p in pcam_tiles[:24]:
-        shutil.copy(p, folder / p.name)
-    return folder
 
 
 def _dataset(tiles: Path):

@@ -35,14 +35,6 @@ TINY = {**TINY_VQGAN, "loss": {**TINY_VQGAN["loss"], "ms_ssim_weight": 0.0}, "st
         "dead_code_every": 200, "log_every": 1}
 
 
-@pytest.fixture(scope="module")
-def tiles(tmp_path_factory: pytest.TempPathFactory, pcam_tiles: list[Path]) -> Path:
-    folder = tmp_path_factory.mktemp("tiles")
-    for p in pcam_tiles[:24]:
-        shutil.copy(p, folder / p.name)
-    return folder
-
-
 def _config(tiles: Path, **changes) -> VQGANTrainConfig:
     merged = {"data": str(tiles), **TINY}
     for k, v in changes.items():
