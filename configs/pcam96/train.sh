@@ -560,3 +560,32 @@ for run in "a2.5_skiplow dpmpp2m:20:a2.5@0.5-1000" "a2 dpmpp2m:20:a2"; do
     --backend torch --json weights/pcam96/eval/round18/sq_r18flip_$1_seed1.json &
 done; wait
 # Round 18: no gain on the second draw (39.75 vs 39.45 at the default sampler); not shipped, weights not kept.
+
+# ---- Round 19 (2026-12-03, nineteenth session; issue 8): no GPU. The shipped UNet conditioned on sub-classes: each
+# class cut into 8 by k-means on its tiles' latent clustering features (32 classes, every sub-class's embedding row
+# starting as its parent's), continued as round 18 for 80 minutes on one core:
+histosynth train encode --vqgan weights/pcam96/next/vqgan-v2.safetensors --data ../shared/data/pcam/train \
+  --out $R/latents-v2 --batch-size 128
+python configs/pcam96/subclasses.py --latents $R/latents-v2 --out $R/sub8 --k 8
+OMP_NUM_THREADS=1 histosynth train cldm --config configs/pcam96/cldm-v2-r19-sub8.yaml --run-dir $R/cldm-v2-r19-sub8
+# Scored against its own step 0 (the shipped UNet exactly, but drawn through 32 classes, so its initial noises differ
+# from the 4-class draws of earlier rounds), at the default sampler on two draws of training tiles:
+r19_bundle() {  # r19_bundle UNET OUT
+  histosynth export --vqgan weights/pcam96/training/vqgan.safetensors --unet $1 --latent-scale 0.6286898256435279 \
+    --labels $R/sub8/label_map.yaml --out $2 --mpp 0.972 --guide-unet $R/sub8/guide-init.safetensors --overwrite \
+    --data "PatchCamelyon train split (19,171 96x96 H&E tiles, CC0)"
+}
+for n in 6000 10000; do  # the EMA at these steps: each checkpoint in a run folder of its own, resumed at N of N
+  mkdir -p $R/r19-at-$n/checkpoints && cp $R/cldm-v2-r19-sub8/checkpoints/step-$(printf %08d $n).safetensors $R/r19-at-$n/checkpoints/
+  histosynth train cldm --config configs/pcam96/cldm-v2-r19-sub8.yaml --run-dir $R/r19-at-$n --steps $n
+  r19_bundle $R/r19-at-$n/unet.safetensors $R/bundle-r19-at-$n
+done
+r19_bundle $R/sub8/unet-init.safetensors $R/bundle-sub8-init
+r19_bundle $R/cldm-v2-r19-sub8/unet.safetensors $R/bundle-r19-end
+for run in "sub8-init 0" "sub8-init 1" "r19-at-6000 0" "r19-at-10000 0" "r19-end 0" "r19-end 1"; do
+  set -- $run
+  OMP_NUM_THREADS=1 python benchmarks/sampler_quality.py --bundle $R/bundle-$1 --real ../shared/data/pcam/train \
+    --max-real 2000 --n 1000 --seed $2 --settings dpmpp2m:20:a2.5@0.5-1000 --batch-size 50 --backend torch \
+    --json weights/pcam96/eval/round19/sq_$1_a2.5_skiplow_seed$2.json
+done
+# Round 19: FID flat (41.47 / 41.30 vs step 0's 41.47 / 40.09), recall lower on both draws; not shipped, weights not kept.
